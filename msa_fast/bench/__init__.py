@@ -1,0 +1,46 @@
+"""``msa-fast bench {ops,retrieval,models}``: micro-benchmarks with ratios against the PyTorch reference.
+
+Each suite lives in its own module (``ops.py``, ``retrieval.py``, ``models.py``) exposing
+``add_arguments(parser)`` and ``run(args) -> list[dict]`` (rows printed as a table); the same setup factories
+are reused by the pytest-benchmark suites in ``benchmarks/``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUITES = ("ops", "retrieval", "models")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models)")
+    suites = p.add_subparsers(dest="suite", metavar="SUITE")
+    suites.required = True
+    for name in SUITES:
+        try:
+            mod = importlib.import_module(f"msa_fast.bench.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"msa_fast.bench.{name}":
+                continue
+            raise
+        sp = suites.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.main)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain fixed-width table of dict rows (same keys), for terminals and the README."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)

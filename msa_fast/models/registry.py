@@ -1,0 +1,91 @@
+"""Models registered by lowercase name (as MMSA's ``AMIO.MODEL_MAP``), configs layered
+dataset → model common → model×dataset → user overrides.
+
+A model module does::
+
+    @register("dashfusion")
+    class DashFusion(MSAModel):
+        CONFIGS = {"common": {...}, "mosi": {...}, "mosei": {...}}
+        def __init__(self, config: dict): ...
+
+and users call ``msa_fast.models.build("dashfusion", dataset="mosi", d_model=64)``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from ..data.specs import get_dataset_spec
+
+MODEL_MAP: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    key = name.lower()
+
+    def deco(cls: type) -> type:
+        if key in MODEL_MAP and MODEL_MAP[key] is not cls:
+            raise ValueError(f"model name {key!r} is already registered to {MODEL_MAP[key].__name__}")
+        MODEL_MAP[key] = cls
+        cls.model_name = key
+        return cls
+
+    return deco
+
+
+def get_config(name: str, dataset: str = "mosi", **overrides: Any) -> dict[str, Any]:
+    """The merged configuration dict of model ``name`` on ``dataset`` with ``overrides`` applied last."""
+    cls = get_model_class(name)
+    spec = get_dataset_spec(dataset)
+    configs = getattr(cls, "CONFIGS", {})
+    ds_key = spec.name
+    if configs and ds_key not in configs:
+        supported = sorted(k for k in configs if k != "common")
+        raise ValueError(f"model {name!r} has no configuration for dataset {dataset!r}; supported: {supported}")
+    config: dict[str, Any] = {
+        "dataset": spec.name,
+        "text_len": spec.text_len,
+        "audio_len": spec.audio_len,
+        "vision_len": spec.vision_len,
+        "text_dim": spec.text_dim,
+        "audio_dim": spec.audio_dim,
+        "vision_dim": spec.vision_dim,
+    }
+    config.update(copy.deepcopy(configs.get("common", {})))
+    config.update(copy.deepcopy(configs.get(ds_key, {})))
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown config keys for model {name!r}: {unknown}; known keys: {sorted(config)}")
+    config.update(overrides)
+    return config
+
+
+def get_model_class(name: str) -> type:
+    _import_all()
+    key = name.lower()
+    if key not in MODEL_MAP:
+        raise ValueError(f"model must be one of {sorted(MODEL_MAP)}, got {name!r}")
+    return MODEL_MAP[key]
+
+
+def build(name: str, dataset: str = "mosi", **overrides: Any):
+    """Build model ``name`` with the official defaults for ``dataset``; ``overrides`` replace config values."""
+    cls = get_model_class(name)
+    return cls(get_config(name, dataset, **overrides))
+
+
+def available_models() -> list[str]:
+    _import_all()
+    return sorted(MODEL_MAP)
+
+
+def _import_all() -> None:
+    # Importing the model modules runs their @register decorators.
+    import importlib
+
+    for module in ("dashfusion", "lnln", "hme"):
+        try:
+            importlib.import_module(f"msa_fast.models.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"msa_fast.models.{module}":
+                raise
