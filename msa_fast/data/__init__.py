@@ -1,0 +1,34 @@
+"""Data layer: MMSA reader + validation, synthetic generator, Dataset/collate → Batch, missing-data protocols.
+
+    from msa_fast.data import load_mmsa, synthetic, make_loader, TokenErasure
+    data = synthetic("mosi", 512, 128, 256, seed=0)          # or load_mmsa("MOSI/Processed/unaligned_50.pkl")
+    for batch in make_loader(data["train"], batch_size=32, shuffle=True, seed=0):
+        batch = TokenErasure(rate=None)(batch.to(device), epoch=epoch)
+"""
+from .alignment import word_align
+from .batch import MODALITIES, Batch, lengths_to_padding_mask
+from .dataset import MMSADataset, collate, make_loader
+from .mag import read_mag, to_mag
+from .missing import (
+    INCOMPLETE_PATTERNS,
+    PATTERNS,
+    MissingProtocol,
+    ModalityDrop,
+    PatternAvailability,
+    TokenErasure,
+    generate_missing_matrix,
+    official_lnln_masks,
+    parse_missing,
+)
+from .mmsa import load_mmsa, validate_split
+from .specs import DATASETS, DatasetSpec, get_dataset_spec
+from .synthetic import save_mmsa, synthetic
+
+__all__ = [
+    "Batch", "MODALITIES", "lengths_to_padding_mask",
+    "load_mmsa", "validate_split", "synthetic", "save_mmsa", "read_mag", "to_mag",
+    "MMSADataset", "collate", "make_loader", "word_align",
+    "MissingProtocol", "TokenErasure", "ModalityDrop", "PatternAvailability", "parse_missing", "PATTERNS",
+    "INCOMPLETE_PATTERNS", "generate_missing_matrix", "official_lnln_masks",
+    "DATASETS", "DatasetSpec", "get_dataset_spec",
+]
