@@ -1,0 +1,193 @@
+"""DashFusion's semantic alignment: partner draw, the fixed-pattern NT-Xent loss and train-split helpers.
+
+Per anchor the official loader returns 6 partners ordered [ss, ss, dd, dd, sd, sd] (ss: similar features and same
+label; dd: dissimilar, different label; sd: similar, different label = hard negatives), each pair drawn without
+replacement from a pool of 10. Here the draw uses a ``torch.Generator`` (reproducible from a seed) instead of
+Python's global ``random``; the pools come from ``msa_fast.retrieval.partners`` (see ``retrieve_partner_pools``).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.batch import Batch
+from ..retrieval.partners import label_aware_partners
+
+PARTNER_KINDS = ("ss", "dd", "sd")  # draw order per anchor: 2 of each
+PARTNERS_PER_ANCHOR = 6
+GROUP = 1 + PARTNERS_PER_ANCHOR  # anchor + its partners, per feature family
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official 22-positive / 16-negative pair pattern on the 28 rows [t̄ ×7, v̄ ×7, ā ×7, H̄ ×7]
+# ---------------------------------------------------------------------------------------------------------------
+def official_pair_indices() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a1, p, a2, n) exactly as the official ``indices_tuple`` (rows: family·7 + member, member 0 = anchor)."""
+    a1 = [k for k in range(GROUP) for _ in range(2)] + [0, 0, 7, 7, 14, 14, 21, 21]
+    p = [x for k in range(GROUP) for x in (7 + k, 14 + k)] + [1, 2, 8, 9, 15, 16, 22, 23]
+    a2 = [f * GROUP for f in range(4) for _ in range(4)]
+    n = [f * GROUP + o for f in range(4) for o in range(3, 7)]
+    return tuple(torch.tensor(x) for x in (a1, p, a2, n))  # type: ignore[return-value]
+
+
+def partner_ntxent_loss(features: Tensor, temperature: float) -> Tensor:
+    """Official ``cont_NTXentLoss`` with the fixed pair pattern, vectorised over anchors.
+
+    features (B, 4, 7, D): families (text mean, vision mean, audio mean, fused H[:, 0]) × (anchor, 6 partners).
+    Per positive pair (a, p): −log(e^{s_ap/τ} / (e^{s_ap/τ} + Σ_{n ∈ neg(a)} e^{s_an/τ})) with cosine similarity;
+    mean over the 22 positive pairs (the 12 whose anchor has no negatives contribute 0), then mean over anchors.
+    → scalar. (The official ``+ tiny`` inside the log is below float resolution for cosine/τ ∈ [−2, 2].)
+    """
+    if features.dim() != 4 or features.shape[1:3] != (4, GROUP):
+        raise ValueError(f"features must be (B, 4, {GROUP}, D), got {tuple(features.shape)}")
+    b = features.shape[0]
+    x = F.normalize(features.reshape(b, 4 * GROUP, -1), dim=-1)
+    a1, p, a2, n = (t.to(features.device) for t in official_pair_indices())
+    sim = torch.matmul(x, x.transpose(1, 2)) / temperature  # (B, 28, 28)
+    pos = sim[:, a1, p]  # (B, 22)
+    neg_of = torch.zeros(4 * GROUP, 4 * GROUP, dtype=torch.bool, device=features.device)
+    neg_of[a2, n] = True
+    neg = sim[:, a1].masked_fill(~neg_of[a1], float("-inf"))  # (B, 22, 28)
+    logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
+    return (torch.logsumexp(logits, dim=-1) - pos).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Partner pools and the per-step draw
+# ---------------------------------------------------------------------------------------------------------------
+def retrieval_labels(labels: Tensor, round_labels: bool) -> Tensor:
+    """MOSI/MOSEI: round half to even (``np.round``) into 7 classes; SIMS: the raw value."""
+    return torch.round(labels) if round_labels else labels
+
+
+def retrieve_partner_pools(features: Tensor, labels: Tensor, k: int, rank_index_bug: bool,
+                           window_top: float, window_bottom: float) -> dict[str, Tensor]:
+    """Label-aware partner pools {"ss", "dd", "sd"} → (N, k) int64 train rows on the CPU (−1 = empty slot).
+
+    features (N, F) pooled (t̄, v̄, ā); labels (N,) already rounded where the dataset asks for it
+    (``msa_fast.retrieval.partners.label_aware_partners``: blocked GEMM + top-K scan, official semantics).
+    """
+    pools = label_aware_partners(features, labels, k=k, rank_index_bug=rank_index_bug, window_top=window_top,
+                                 window_bottom=window_bottom)
+    return {kind: pools[kind].long().cpu() for kind in PARTNER_KINDS}
+
+
+def draw_partners(pools: dict[str, Tensor], anchors: Tensor, generator: torch.Generator) -> Tensor:
+    """Two distinct partners of each kind per anchor, ordered [ss, ss, dd, dd, sd, sd] → (B·6,) train rows.
+
+    pools[kind] (N, k) with −1 marking empty slots (a pool may hold fewer than k); anchors (B,) train rows.
+    A pool with one entry gives it twice; an empty pool gives the anchor itself (the official code would fail).
+    """
+    anchors = anchors.cpu().long()
+    picks = []
+    for kind in PARTNER_KINDS:
+        pool = pools[kind][anchors]  # (B, k)
+        valid = pool >= 0
+        # Random keys, invalid slots last: the first two columns of the sort are a uniform draw without replacement.
+        keys = torch.rand(pool.shape, generator=generator).masked_fill(~valid, 2.0)
+        order = keys.argsort(dim=1)
+        n_valid = valid.sum(dim=1, keepdim=True)
+        cols = torch.minimum(torch.arange(2).expand(len(pool), 2), (n_valid - 1).clamp_min(0))
+        chosen = pool.gather(1, order.gather(1, cols))
+        picks.append(torch.where(n_valid > 0, chosen, anchors[:, None]))
+    return torch.stack(picks, dim=1).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train split access (for re-encoding and partner lookup)
+# ---------------------------------------------------------------------------------------------------------------
+def select_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The sub-batch of ``rows`` (any order, repeats allowed)."""
+    b = batch.batch_size
+    changes: dict[str, Any] = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b:
+            changes[f.name] = v[rows.to(v.device)]
+        elif isinstance(v, list) and len(v) == b:
+            changes[f.name] = [v[i] for i in rows.tolist()]
+        elif isinstance(v, dict):
+            changes[f.name] = {k: t[rows.to(t.device)] for k, t in v.items()}
+        elif isinstance(v, Batch):
+            changes[f.name] = select_rows(v, rows)
+    return batch.replace(**changes)
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Concatenate along the batch dim; text fields are right-padded with zeros to the widest batch."""
+    first = batches[0]
+    changes: dict[str, Any] = {}
+    width = max(b.text_ids.shape[1] for b in batches)
+    for f in fields(first):
+        vals = [getattr(b, f.name) for b in batches]
+        v0 = vals[0]
+        if isinstance(v0, Tensor):
+            if f.name.startswith("text_"):
+                vals = [_pad_dim1(v, width) for v in vals]
+            changes[f.name] = torch.cat(vals, dim=0)
+        elif isinstance(v0, list):
+            changes[f.name] = [x for v in vals for x in v]
+        elif v0 is None:
+            if any(v is not None for v in vals):
+                raise ValueError(f"cannot concatenate batches where only some have {f.name!r}")
+        elif isinstance(v0, dict):
+            changes[f.name] = {k: torch.cat([v[k] for v in vals]) for k in v0}
+        elif isinstance(v0, Batch):
+            changes[f.name] = concat_batches(vals)
+    return first.replace(**changes)
+
+
+def _pad_dim1(x: Tensor, width: int) -> Tensor:
+    if x.shape[1] == width:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+    return F.pad(x, pad)
+
+
+class TrainSplit:
+    """Row access to the train split by index (``Batch.index``) from what a trainer has at hand.
+
+    ``train_data``: a whole-split ``Batch``; a dataset (or a DataLoader over one) whose ``dataset[list_of_rows]``
+    returns a ``Batch`` (``msa_fast.data.MMSADataset``); otherwise any iterable of ``Batch`` covering the split,
+    gathered once on the CPU (rows placed by ``Batch.index``).
+    """
+
+    def __init__(self, train_data: Any):
+        self._dataset: Any = None
+        self._split: Optional[Batch] = None
+        if isinstance(train_data, Batch):
+            self._split = train_data
+            return
+        ds = getattr(train_data, "dataset", train_data)
+        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and len(ds) > 0:
+            try:
+                probe = ds[[0]]
+            except Exception:  # noqa: BLE001 - any failure means: not list-indexable, fall back to gathering
+                probe = None
+            if isinstance(probe, Batch):
+                self._dataset = ds
+                return
+        split = concat_batches([b.to("cpu") for b in train_data])
+        order = torch.empty_like(split.index)
+        order[split.index] = torch.arange(split.batch_size)
+        self._split = select_rows(split, order)
+
+    def __len__(self) -> int:
+        return self._split.batch_size if self._split is not None else len(self._dataset)
+
+    def rows(self, rows: Tensor) -> Batch:
+        """(n,) int64 train rows → the ``Batch`` of those samples (in that order)."""
+        rows = rows.cpu().long()
+        if self._split is not None:
+            return select_rows(self._split, rows)
+        return self._dataset[rows.tolist()]
+
+    def batches(self, batch_size: int = 128) -> Iterable[Batch]:
+        """The split in order, ``batch_size`` rows at a time."""
+        n = len(self)
+        for s in range(0, n, batch_size):
+            yield self.rows(torch.arange(s, min(s + batch_size, n)))
