@@ -1,0 +1,41 @@
+"""LNLN benchmark factory: a model and one token-erased, dataset-shaped batch (with its complete view).
+
+``setup(batch_size=16, dataset="mosi", full_bert=False, **overrides) -> (model, batch)``: the official
+architecture for ``dataset`` (full sequence lengths: MOSI attends over 58 / 383 / 508 tokens in the text / audio /
+vision compressors) with a randomly initialised BERT — the 1-layer ``TINY_BERT_CONFIG`` by default, a BERT-base-sized
+one (12 layers, 110 M parameters, random weights, no download) with ``full_bert=True``. The batch comes from
+``msa_fast.data.synthetic`` and LNLN's training erasure schedule (``TokenErasure``: about half the rows keep each
+modality complete), so ``model.training_step(batch)`` runs the full objective including the complete-view pass.
+The model is returned in train mode; ``overrides`` go to the config (e.g. ``share_complete_pass="never"``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.batch import Batch
+from ..nn.text_encoder import TINY_BERT_CONFIG
+
+#: BERT-base shape (bert-base-uncased; SIMS' bert-base-chinese differs only in the vocabulary size).
+BERT_BASE_CONFIG: dict[str, Any] = dict(TINY_BERT_CONFIG, vocab_size=30522, num_hidden_layers=12)
+
+
+def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
+          **overrides: Any) -> tuple[torch.nn.Module, Batch]:
+    from ..data.dataset import MMSADataset
+    from ..data.missing import TokenErasure
+    from ..data.synthetic import synthetic
+    from ..models import build
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    torch.manual_seed(seed)
+    overrides.setdefault("bert", dict(BERT_BASE_CONFIG if full_bert else TINY_BERT_CONFIG))
+    model = build("lnln", dataset=dataset, **overrides)
+    model.train()
+    data = synthetic(dataset, n_train=batch_size, n_valid=0, n_test=0, seed=seed,
+                     text_features=bool(overrides.get("use_text_features", False)))
+    complete = MMSADataset(data["train"], split="train")[list(range(batch_size))]
+    batch = TokenErasure(seed=seed)(complete, epoch=0, split="train")
+    return model, batch
