@@ -83,6 +83,15 @@ def test_erasure_rules(batch):
     assert (batch.text_ids != 100).all()  # the input batch is not modified
 
 
+def test_erasure_zeroes_erased_text_features(batch):
+    feats = torch.randn(*batch.text_ids.shape, 8)
+    with_feats = batch.replace(text_features=feats)
+    out = TokenErasure(rate=0.5, seed=1)(with_feats)
+    erased = batch.text_attention_mask.bool() & ~out.text_keep_mask
+    assert erased.any() and (out.text_features[erased] == 0).all()
+    assert torch.equal(out.text_features[~erased], feats[~erased])
+
+
 def test_erasure_realised_rates(batch):
     valid_t = batch.text_attention_mask.bool().clone()
     valid_t[:, 0] = False

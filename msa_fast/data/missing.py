@@ -139,7 +139,7 @@ class TokenErasure(MissingProtocol):
 
     Text: valid = attention mask; [CLS] (position 0) and [SEP] (last valid position) are always kept; dropped ids
     become ``unk_id`` (100); the attention mask is unchanged (LNLN attends [UNK]). Audio/vision: valid = frame <
-    length; dropped frames are zeroed. Keep masks are False on padding. ``Batch.missing_rates`` (B, 3) holds the
+    length; dropped frames are zeroed. Precomputed ``text_features`` rows of erased tokens are zeroed. Keep masks are False on padding. ``Batch.missing_rates`` (B, 3) holds the
     drawn rates (LNLN's completeness label is 1 − rate_text).
     """
 
@@ -204,7 +204,14 @@ class TokenErasure(MissingProtocol):
 
         audio_keep = keep(2, ~batch.audio_padding_mask, rates[:, 1])
         vision_keep = keep(3, ~batch.vision_padding_mask, rates[:, 2])
+        changes = {}
+        if batch.text_features is not None:
+            # Precomputed BERT features have no [UNK] vector: erased (non-[CLS]/[SEP]) positions are zeroed so a
+            # model reading features sees the erasure too.
+            erased = (text_valid & ~text_keep)[:, :, None]
+            changes["text_features"] = batch.text_features.masked_fill(erased, 0.0)
         return batch.replace(
+            **changes,
             text_ids=text_ids,
             audio=batch.audio * audio_keep[:, :, None].to(batch.audio.dtype),
             vision=batch.vision * vision_keep[:, :, None].to(batch.vision.dtype),
