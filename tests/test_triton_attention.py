@@ -1,0 +1,177 @@
+"""Triton segmented attention core (msa_fast.kernels.attention) vs the fp64 reference.
+
+Runs on CUDA when present, else on CPU under TRITON_INTERPRET=1 (set by conftest.py). The interpreter cannot do bf16
+arithmetic, so bf16 runs only on CUDA. Shapes are tiny (the interpreter runs programs serially); small tile
+overrides (block 16) make the tiny shapes span several query/key blocks and source boundaries.
+"""
+import math
+
+import pytest
+import torch
+
+from msa_fast.testing.reference import attention_ref, multi_source_attention_ref
+
+attn = pytest.importorskip("msa_fast.kernels.attention")
+
+pytestmark = pytest.mark.interpret
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# id, dtype, B, H, Lq, source lengths, D, non-contiguous layout, tile override
+CASES = [
+    ("fp32-d12-3src-b16-noncontig", F32, 2, 2, 37, (20, 0, 29), 12, True, 16),
+    ("fp16-d16-2src-b16", F16, 2, 1, 23, (17, 33), 16, False, 16),
+    ("fp32-d32-1src-default", F32, 2, 2, 50, (45,), 32, False, None),
+    ("fp16-d64-2src-default-noncontig", F16, 1, 2, 9, (5, 40), 64, True, None),
+    ("fp32-d64-2src-b16", F32, 1, 1, 20, (3, 18), 64, False, 16),
+    ("bf16-d32-3src-default", BF16, 2, 2, 40, (10, 30, 7), 32, True, None),
+]
+
+
+def _offsets(lens):
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    return tuple(offs)
+
+
+def _rand(B, H, L, D, noncontig):
+    if noncontig:  # a (B, L, H, D) tensor viewed as (B, H, L, D): unit stride along D only
+        return torch.randn(B, L, H, D, dtype=torch.float64).transpose(1, 2)
+    return torch.randn(B, H, L, D, dtype=torch.float64)
+
+
+def _make_case(B, H, Lq, lens, D, dtype, device, noncontig):
+    offs = _offsets(lens)
+    Lk = offs[-1]
+    q, k, v = _rand(B, H, Lq, D, noncontig), _rand(B, H, Lk, D, noncontig), _rand(B, H, Lk, D, noncontig)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))  # keeps the strided layout
+    # Ragged key padding per (sample, source): a valid prefix of random length; the last sample's last source is
+    # fully padded (rows with no valid key there must give zeros, never NaN).
+    key_valid = torch.zeros(B, Lk, dtype=torch.bool)
+    for b in range(B):
+        for s, (a, e) in enumerate(zip(offs, offs[1:])):
+            if e == a or (b == B - 1 and s == len(lens) - 1):
+                continue
+            n = int(torch.randint(1, e - a + 1, ()).item())
+            key_valid[b, a:a + n] = True
+    q_valid = torch.ones(B, Lq, dtype=torch.bool)
+    q_valid[0, Lq - max(1, Lq // 4):] = False  # padded query rows
+    return q, k, v, key_valid.to(device), q_valid.to(device), offs
+
+
+def _sources(k, v, key_valid, offs):
+    return [(k[:, :, a:e], v[:, :, a:e], ~key_valid[:, a:e]) for a, e in zip(offs, offs[1:]) if e > a]
+
+
+def _lse_ref(q, k, key_valid, q_valid, offs, scale):
+    """(B, H, S, Lq) fp64 logsumexp per source; +inf where no valid key or the row is padding."""
+    B, H, Lq, _ = q.shape
+    out = torch.full((B, H, len(offs) - 1, Lq), math.inf, dtype=torch.float64, device=q.device)
+    for s, (a, e) in enumerate(zip(offs, offs[1:])):
+        if e == a:
+            continue
+        sc = (q.double() @ k[:, :, a:e].double().transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~key_valid[:, None, None, a:e], -math.inf)
+        lse = torch.logsumexp(sc, -1)
+        out[:, :, s] = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf))
+    return out.masked_fill(~q_valid[:, None, None, :], math.inf)
+
+
+def _check_lse(got, ref):
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), "lse: +inf pattern differs from the reference"
+    assert not torch.isnan(got).any()
+    fin = torch.isfinite(ref)
+    if fin.any():
+        err = (got.double()[fin] - ref[fin]).abs().max().item()
+        assert err <= 1e-4 * max(1.0, ref[fin].abs().max().item()), f"lse error {err:.3e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_backward_match_fp64_reference(case, triton_device, poison_empty, error_rule):
+    _, dtype, B, H, Lq, lens, D, noncontig, blk = case
+    if dtype == BF16 and triton_device == "cpu":
+        pytest.skip("the Triton interpreter cannot do bf16 arithmetic")
+    q, k, v, key_valid, q_valid, offs = _make_case(B, H, Lq, lens, D, dtype, triton_device, noncontig)
+    S = len(offs) - 1
+    scale = D ** -0.5
+
+    out, lse, o_src = attn.forward(q, k, v, key_valid, offs, q_valid, scale, block_m=blk, block_n=blk)
+
+    # fp64 reference on the same (rounded) inputs, and the same-dtype torch reference for the error budget.
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref64 = multi_source_attention_ref(q64, _sources(k64, v64, key_valid, offs), scale, ~q_valid, upcast=True)
+    ref_dt = multi_source_attention_ref(qs, _sources(ks, vs, key_valid, offs), scale, ~q_valid)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    error_rule("out", out, ref64, ref_dt)
+    _check_lse(lse, _lse_ref(q, k, key_valid, q_valid, offs, scale))
+    if S == 1:
+        assert o_src is None
+        o_s = out.float()[None]
+    else:
+        assert o_src.shape == (S, B, H, Lq, D) and o_src.dtype == torch.float32
+        for s, (a, e) in enumerate(zip(offs, offs[1:])):
+            if e == a:
+                assert (o_src[s] == 0).all()
+                continue
+            mask = ~key_valid[:, a:e]
+            r64 = attention_ref(q64, k64[:, :, a:e], v64[:, :, a:e], mask, ~q_valid, scale, upcast=True)
+            rdt = attention_ref(qs, ks[:, :, a:e], vs[:, :, a:e], mask, ~q_valid, scale)
+            error_rule(f"o_src[{s}]", o_src[s], r64.detach(), rdt.detach())
+        o_s = o_src
+
+    # Backward: delta as the contract layer computes it, from the kernel's own per-source outputs.
+    dout = torch.randn(B, H, Lq, D, dtype=torch.float64).to(device=triton_device, dtype=dtype)
+    delta = (dout.float()[None] * o_s).sum(-1).permute(1, 2, 0, 3).contiguous()
+    dq, dk, dv = attn.backward(q, k, v, key_valid, offs, q_valid, scale, lse, delta, dout,
+                               block_m=blk, block_n=blk)
+    g64 = torch.autograd.grad(ref64, (q64, k64, v64), dout.double())
+    gdt = torch.autograd.grad(ref_dt, (qs, ks, vs), dout)
+    for name, got, r64, rdt, like in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, gdt, (q, k, v)):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        error_rule(name, got, r64, rdt)
+    # Padded keys get exactly zero gradient; padded query rows too.
+    assert (dk.permute(0, 2, 1, 3)[~key_valid] == 0).all() and (dv.permute(0, 2, 1, 3)[~key_valid] == 0).all()
+    assert (dq.permute(0, 2, 1, 3)[~q_valid] == 0).all()
+
+
+def test_all_keys_padded_gives_zeros_not_nan(triton_device, poison_empty):
+    B, H, Lq, D, lens = 1, 1, 5, 16, (4, 6)
+    offs = _offsets(lens)
+    q, k, v = (torch.randn(B, H, L, D, device=triton_device) for L in (Lq, 10, 10))
+    key_valid = torch.zeros(B, 10, dtype=torch.bool, device=triton_device)
+    out, lse, o_src = attn.forward(q, k, v, key_valid, offs, None, 0.25)
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all() and (o_src == 0).all()
+    delta = torch.zeros(B, H, 2, Lq, device=triton_device)
+    grads = attn.backward(q, k, v, key_valid, offs, None, 0.25, lse, delta, torch.randn_like(q))
+    for g in grads:
+        assert (g == 0).all()
+
+
+def test_invalid_arguments_raise(triton_device):
+    q = torch.randn(1, 1, 4, 80, device=triton_device)
+    kv = torch.ones(1, 4, dtype=torch.bool, device=triton_device)
+    with pytest.raises(ValueError, match="head dim"):
+        attn.forward(q, q, q, kv, (0, 4), None, 1.0)
+    q = torch.randn(1, 1, 4, 16, device=triton_device)
+    with pytest.raises(ValueError, match="src_offsets"):
+        attn.forward(q, q, q, kv, (0, 3), None, 1.0)
+    with pytest.raises(ValueError, match="key_valid"):
+        attn.forward(q, q, q, kv[:, :3], (0, 4), None, 1.0)
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        attn.forward(q, q.half(), q, kv, (0, 4), None, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("d", [8, 12, 16, 32, 64])
+def test_launcher_configs_are_listed_for_aot(dtype, d):
+    """Every tile config the launchers can pick appears in AOT_CONFIGS (so the AOT test checks it)."""
+    from msa_fast.kernels import block_d
+
+    bd = block_d(d)
+    listed = {(c["name"].split(".")[1], c["constexprs"]["BLOCK_D"], c["constexprs"]["BLOCK_M"],
+               c["constexprs"]["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in attn.AOT_CONFIGS}
+    for kind in ("fwd", "dkdv", "dq"):
+        cfg = attn._launch_cfg(kind, bd, dtype, None, None)
+        assert (kind, bd, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) in listed
