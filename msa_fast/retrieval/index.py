@@ -1,0 +1,525 @@
+"""``Index``: k-nearest-neighbour search over id-tagged vectors, torch tensors in and out, FAISS underneath.
+
+* metrics: "ip" (inner product, larger = closer), "cosine" (vectors and queries L2-normalised, then ip), "l2"
+  (**squared** Euclidean distance, smaller = closer);
+* kinds: "flat" (exact) and the approximate "ivf_flat" / "ivf_pq" (FAISS ``IndexIVFFlat`` / ``IndexIVFPQ``);
+* engines: the exact search runs either as tiled torch GEMM + top-k or through FAISS (``IndexFlat`` on CPU,
+  ``knn_gpu`` on GPU); ``exact_engine="auto"`` times both once per (device, metric, dim) on a sample and keeps the
+  faster, so the exact path is never slower than torch brute force; without FAISS everything is exact torch (an IVF
+  kind then warns once and searches exactly);
+* GPU: a FAISS GPU index is used when ``faiss.get_num_gpus() > 0`` and the index device is CUDA; the IVF master copy
+  stays on the CPU and a GPU clone is refreshed lazily. Requests beyond FAISS's GPU selection limit (k or nprobe >
+  2048) go to the CPU master (IVF) or to torch (flat);
+* ids: int64 ≥ 0, given or assigned consecutively; ``exclude_ids`` drops one id per query (self-exclusion by id, not
+  by position); ``add`` / ``remove`` / ``update`` by id; a trained IVF keeps its coarse quantizer across ``reset()`` so
+  per-epoch refreshes re-add vectors without re-training;
+* ``devices=[...]``: one shard per device (sample with id i lives on shard i mod S), same API, results merged;
+* ``save`` / ``load``: one ``torch.save`` file (vectors, ids, the trained empty FAISS index as bytes), loadable with
+  ``weights_only=True``.
+
+Empty result slots (fewer than k candidates after an exclusion) hold id −1 and score −inf (ip/cosine) or +inf (l2).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METRICS = ("ip", "cosine", "l2")
+KINDS = ("flat", "ivf_flat", "ivf_pq")
+BACKENDS = ("auto", "faiss", "torch")
+EXACT_ENGINES = ("auto", "torch", "faiss")
+GPU_MAX_K = 2048  # FAISS GPU_MAX_SELECTION_K without cuVS (also bounds IVF nprobe on GPU)
+_SCORE_BUDGET = 1 << 25  # fp32 score elements per torch tile (128 MiB)
+_CALIBRATE_MIN_N = 50_000  # below this the engines differ by milliseconds: use torch without timing
+_ENGINE_CACHE: dict[tuple, str] = {}
+_WARNED: set[str] = set()
+
+DeviceLike = Union[str, torch.device]
+
+
+def faiss_or_none() -> Any:
+    """The ``faiss`` module, or None when it is not installed (torch must be imported first: OpenMP clash)."""
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_gpus() -> int:
+    faiss = faiss_or_none()
+    return faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "get_num_gpus") else 0
+
+
+def check_vectors(x: Tensor, dim: int, name: str) -> None:
+    """(n, dim) finite floating tensor, else a ValueError/TypeError naming ``name``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def merge_topk(scores: Sequence[Tensor], ids: Sequence[Tensor], k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Merge per-part top-k lists (nq, k_i) into one (nq, k) list, best first."""
+    s = torch.cat(list(scores), dim=1)
+    i = torch.cat(list(ids), dim=1)
+    kk = min(k, s.shape[1])
+    top, pos = s.topk(kk, dim=1, largest=largest)
+    return _pad(top, i.gather(1, pos), k, largest)
+
+
+def _pad(scores: Tensor, ids: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    missing = k - scores.shape[1]
+    if missing <= 0:
+        return scores, ids
+    fill = float("-inf") if largest else float("inf")
+    return F.pad(scores, (0, missing), value=fill), F.pad(ids, (0, missing), value=-1)
+
+
+class _Shard:
+    """One device's vectors + ids (torch) and, for IVF / FAISS-flat, the FAISS structures."""
+
+    def __init__(self, owner: "Index", device: torch.device):
+        self.o = owner
+        self.device = device
+        self.x = torch.empty((0, owner.dim), dtype=torch.float32, device=device)
+        self.ids = torch.empty((0,), dtype=torch.long, device=device)
+        self.ivf: Any = None  # CPU master IVF index (ids = our ids)
+        self._ivf_gpu: Any = None
+        self._flat: Any = None  # lazily built FAISS flat index over self.x (ids = row positions)
+        self._gpu_res: Any = None
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def add(self, x: Tensor, ids: Tensor) -> None:
+        self.x = torch.cat([self.x, x.to(self.device)])
+        self.ids = torch.cat([self.ids, ids.to(self.device)])
+        if self.ivf is not None and self.ivf.is_trained:
+            self.ivf.add_with_ids(_np(x), _np(ids))
+        self._invalidate()
+
+    def remove(self, ids: Tensor) -> None:
+        keep = ~torch.isin(self.ids, ids.to(self.device))
+        self.x, self.ids = self.x[keep], self.ids[keep]
+        if self.ivf is not None and self.ivf.is_trained:
+            self.ivf.remove_ids(_np(ids))
+        self._invalidate()
+
+    def reset(self) -> None:
+        self.x, self.ids = self.x[:0], self.ids[:0]
+        if self.ivf is not None:
+            self.ivf.reset()  # keeps the trained coarse quantizer (and PQ codebooks)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._flat = None
+        self._ivf_gpu = None
+
+    # -- IVF -------------------------------------------------------------------------------------------------
+    def make_ivf(self, faiss: Any, nlist: int) -> Any:
+        o = self.o
+        metric = faiss.METRIC_L2 if o.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        quantizer = faiss.IndexFlatL2(o.dim) if o.metric == "l2" else faiss.IndexFlatIP(o.dim)
+        if o.kind == "ivf_flat":
+            ivf = faiss.IndexIVFFlat(quantizer, o.dim, nlist, metric)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, o.dim, nlist, o.pq_m, o.pq_nbits, metric)
+        ivf.cp.seed = o.seed
+        return ivf
+
+    def train(self, sample: Tensor, nlist: int) -> None:
+        faiss = faiss_or_none()
+        self.ivf = self.make_ivf(faiss, nlist)
+        self.ivf.train(_np(sample))
+        if len(self.ids):
+            self.ivf.add_with_ids(_np(self.x), _np(self.ids))
+        self._invalidate()
+
+    def adopt_trained(self, trained_empty: Any) -> None:
+        faiss = faiss_or_none()
+        self.ivf = faiss.clone_index(trained_empty)
+        self.ivf.reset()
+        if len(self.ids):
+            self.ivf.add_with_ids(_np(self.x), _np(self.ids))
+        self._invalidate()
+
+    # -- search ----------------------------------------------------------------------------------------------
+    def search(self, q: Tensor, k: int, approximate: bool) -> tuple[Tensor, Tensor]:
+        """q already normalised for cosine, on any device → (scores, ids) (nq, ≤k) on q.device."""
+        k = min(k, len(self.ids))
+        if approximate and self.ivf is not None:
+            s, i = self._search_ivf(q, k)
+            s = s.masked_fill(i < 0, float("-inf") if self.o.metric != "l2" else float("inf"))  # lists ran dry
+        else:
+            s, pos = self._search_exact(q, k)
+            i = self.ids.to(pos.device)[pos.clamp_min(0)].masked_fill(pos < 0, -1)
+        return s.to(q.device), i.to(q.device)
+
+    def _search_ivf(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        o = self.o
+        use_gpu = self.device.type == "cuda" and faiss_gpus() > 0 and k <= GPU_MAX_K and o.nprobe <= GPU_MAX_K
+        if use_gpu:
+            faiss = faiss_or_none()
+            import faiss.contrib.torch_utils  # noqa: F401  (zero-copy CUDA tensors)
+            if self._ivf_gpu is None:
+                self._gpu_res = self._gpu_res or _gpu_resources(faiss)
+                self._ivf_gpu = faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, self.ivf)
+            self._ivf_gpu.nprobe = o.nprobe
+            d, i = self._ivf_gpu.search(q.to(self.device, torch.float32).contiguous(), k)
+            return d, i
+        self.ivf.nprobe = o.nprobe
+        d, i = self.ivf.search(_np(q), k)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+    def _search_exact(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        engine = self.o._exact_engine_for(self, q, k)
+        if engine == "faiss":
+            return self._search_faiss_flat(q, k)
+        return self._search_torch(q, k)
+
+    def _search_torch(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Tiled GEMM + top-k, merged across database chunks (bounded memory). → (scores, row positions)."""
+        q = q.to(self.device, torch.float32)
+        x = self.x
+        largest = self.o.metric != "l2"
+        chunk = max(k, _SCORE_BUDGET // max(q.shape[0], 1))
+        best_s: Optional[Tensor] = None
+        best_i: Optional[Tensor] = None
+        q_sq = (q * q).sum(1, keepdim=True) if not largest else None
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start:start + chunk]
+            s = q @ xc.T
+            if not largest:  # squared L2 = ‖q‖² + ‖x‖² − 2 q·x (clamped at 0 like an exact distance)
+                s = (q_sq + (xc * xc).sum(1)[None, :] - 2 * s).clamp_min_(0)
+            top, pos = s.topk(min(k, xc.shape[0]), dim=1, largest=largest)
+            pos = pos + start
+            if best_s is None:
+                best_s, best_i = top, pos
+            else:
+                best_s, best_i = merge_topk([best_s, top], [best_i, pos], k, largest)
+        assert best_s is not None and best_i is not None
+        return best_s, best_i
+
+    def _search_faiss_flat(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        faiss = faiss_or_none()
+        metric = faiss.METRIC_L2 if self.o.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if self.device.type == "cuda" and faiss_gpus() > 0:
+            import faiss.contrib.torch_utils  # noqa: F401
+            self._gpu_res = self._gpu_res or _gpu_resources(faiss)
+            d, i = faiss.knn_gpu(self._gpu_res, q.to(self.device, torch.float32).contiguous(), self.x, k,
+                                 metric=metric, device=self.device.index or 0)
+            return d, i
+        if self._flat is None:
+            self._flat = faiss.IndexFlatL2(self.o.dim) if metric == faiss.METRIC_L2 else faiss.IndexFlatIP(self.o.dim)
+            self._flat.add(_np(self.x))
+        d, i = self._flat.search(_np(q), k)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+
+def _np(t: Tensor):
+    """Contiguous CPU float32/int64 NumPy view for the FAISS CPU API."""
+    t = t.detach().to("cpu")
+    t = t.to(torch.long) if not t.is_floating_point() else t.to(torch.float32)
+    return t.contiguous().numpy()
+
+
+def _gpu_resources(faiss: Any) -> Any:
+    res = faiss.StandardGpuResources()
+    res.setTempMemory(64 << 20)  # do not reserve 1.5 GiB beside PyTorch's caching allocator
+    return res
+
+
+class Index:
+    """kNN index over (N, dim) vectors with int64 ids. See the module docstring for semantics.
+
+    Args: dim; metric "ip" | "cosine" | "l2"; kind "flat" | "ivf_flat" | "ivf_pq"; nlist (IVF lists; default from
+    N at training: 4·√N rounded to a power of two, ≤ N/39); nprobe (IVF lists visited per query); pq_m / pq_nbits
+    (IVF-PQ sub-quantizers, default m = dim/4 or the largest divisor of dim below it, 8 bits); train_size (IVF
+    training sample, default min(N, 64·nlist), for PQ at least 40·2^nbits); device (where the vectors live);
+    devices (several → sharded); backend "auto" | "faiss" | "torch"; exact_engine "auto" | "torch" | "faiss".
+    Results come back on the queries' device.
+    """
+
+    def __init__(self, dim: int, metric: str = "cosine", kind: str = "flat", *, nlist: Optional[int] = None,
+                 nprobe: int = 16, pq_m: Optional[int] = None, pq_nbits: int = 8, train_size: Optional[int] = None,
+                 device: DeviceLike = "cpu", devices: Optional[Sequence[DeviceLike]] = None, backend: str = "auto",
+                 exact_engine: str = "auto", seed: int = 0):
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        for name, val, allowed in (("metric", metric, METRICS), ("kind", kind, KINDS), ("backend", backend, BACKENDS),
+                                   ("exact_engine", exact_engine, EXACT_ENGINES)):
+            if val not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {val!r}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.dim, self.metric, self.kind, self.seed = dim, metric, kind, seed
+        self.nlist, self.nprobe, self.train_size = nlist, int(nprobe), train_size
+        self.pq_m = pq_m or _default_pq_m(dim)
+        self.pq_nbits = pq_nbits
+        if kind == "ivf_pq" and dim % self.pq_m:
+            raise ValueError(f"pq_m={self.pq_m} must divide dim={dim}")
+        faiss = faiss_or_none()
+        if backend == "faiss" and faiss is None:
+            raise ValueError("backend='faiss' but faiss is not installed (pip install faiss-cpu or faiss-gpu)")
+        self.backend = "torch" if backend == "torch" or faiss is None else "faiss"
+        if kind != "flat" and self.backend == "torch":
+            _warn_once("ivf-fallback", f"kind={kind!r} needs faiss; searching exactly with torch instead")
+        self.exact_engine = "torch" if self.backend == "torch" else exact_engine
+        devs = [torch.device(d) for d in (devices if devices else [device])]
+        self.device = devs[0]
+        self._shards = [_Shard(self, d) for d in devs]
+        self._next_id = 0
+
+    # -- properties ------------------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return sum(len(s.ids) for s in self._shards)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind != "flat" and self.backend == "faiss"
+
+    @property
+    def is_trained(self) -> bool:
+        return not self.approximate or self._shards[0].ivf is not None
+
+    @property
+    def ids(self) -> Tensor:
+        return torch.cat([s.ids.to(self.device) for s in self._shards])
+
+    # -- mutation --------------------------------------------------------------------------------------------
+    def add(self, x: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+        """Add x (n, dim); ids (n,) int64 ≥ 0 unique and new (default: consecutive). → the ids used."""
+        check_vectors(x, self.dim, "x")
+        n = x.shape[0]
+        if ids is None:
+            ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.long)
+        ids = self._check_ids(ids, n, "ids")
+        if n and bool(torch.isin(ids, self.ids.cpu()).any()):
+            raise ValueError("ids already present in the index (use update() to overwrite)")
+        self._next_id = max(self._next_id, int(ids.max()) + 1) if n else self._next_id
+        x = self._prepare(x)
+        for si, s in enumerate(self._shards):
+            sel = (ids % len(self._shards)) == si
+            if bool(sel.any()):
+                s.add(x[sel.to(x.device)], ids[sel])
+        return ids
+
+    def remove(self, ids: Tensor) -> None:
+        """Remove the given ids (each must be present)."""
+        ids = self._check_ids(ids, None, "ids")
+        self._require_present(ids)
+        for si, s in enumerate(self._shards):
+            sel = ids[(ids % len(self._shards)) == si]
+            if len(sel):
+                s.remove(sel)
+
+    def update(self, ids: Tensor, x: Tensor) -> None:
+        """Overwrite the vectors of existing ids."""
+        check_vectors(x, self.dim, "x")
+        ids = self._check_ids(ids, x.shape[0], "ids")
+        self._require_present(ids)
+        self.remove(ids)
+        self.add(x, ids)
+
+    def reset(self) -> None:
+        """Drop all vectors (ids restart at 0); a trained IVF keeps its quantizer (re-add without re-training)."""
+        for s in self._shards:
+            s.reset()
+        self._next_id = 0
+
+    def train(self, x: Optional[Tensor] = None) -> None:
+        """Train the IVF coarse quantizer (and PQ) on x or on a sample of the stored vectors. No-op for flat."""
+        if not self.approximate:
+            return
+        if x is None:
+            x = torch.cat([s.x.cpu() for s in self._shards])
+        else:
+            check_vectors(x, self.dim, "x")
+            x = self._prepare(x).cpu()
+        n = x.shape[0]
+        nlist = self.nlist or _default_nlist(n)
+        if n < nlist:
+            raise ValueError(f"IVF training needs at least nlist={nlist} vectors, got {n}")
+        if self.kind == "ivf_pq" and n < (1 << self.pq_nbits):
+            raise ValueError(f"IVF-PQ training needs at least {1 << self.pq_nbits} vectors, got {n}")
+        size = min(n, self.train_size or max(64 * nlist, 40 << self.pq_nbits if self.kind == "ivf_pq" else 0))
+        g = torch.Generator().manual_seed(self.seed)
+        sample = x[torch.randperm(n, generator=g)[:size]] if size < n else x
+        self.nlist = nlist
+        first = self._shards[0]
+        first.train(sample, nlist)
+        for s in self._shards[1:]:
+            s.adopt_trained(first.ivf)
+
+    # -- search ----------------------------------------------------------------------------------------------
+    def search(self, q: Tensor, k: int, exclude_ids: Optional[Tensor] = None,
+               exact: bool = False) -> tuple[Tensor, Tensor]:
+        """q (nq, dim) → (scores (nq, k) float32, ids (nq, k) int64) on q's device, best first.
+
+        exclude_ids (nq,) int64: drop that id from query i's results (−1 = nothing to drop). exact=True bypasses
+        IVF. An untrained IVF is trained on the stored vectors first.
+        """
+        check_vectors(q, self.dim, "queries")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        n = self.ntotal
+        if n == 0:
+            raise ValueError("cannot search an empty index (add vectors first)")
+        if k > n:
+            raise ValueError(f"k={k} exceeds the number of indexed vectors ({n})")
+        if exclude_ids is not None:
+            if tuple(exclude_ids.shape) != (q.shape[0],) or exclude_ids.is_floating_point():
+                raise ValueError(f"exclude_ids must be an int tensor of shape ({q.shape[0]},), "
+                                 f"got {tuple(exclude_ids.shape)} {exclude_ids.dtype}")
+        if self.approximate and not exact and not self.is_trained:
+            self.train()
+        largest = self.metric != "l2"
+        kk = min(k + (exclude_ids is not None), n)
+        qp = self._prepare(q)
+        parts = [s.search(qp, kk, approximate=self.approximate and not exact) for s in self._shards if len(s.ids)]
+        scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], kk, largest)
+        if exclude_ids is not None:
+            scores, ids = _drop_ids(scores, ids, exclude_ids.to(ids.device, torch.long), k, largest)
+        scores, ids = _pad(scores[:, :k], ids[:, :k], k, largest)
+        return scores.to(torch.float32), ids
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return dict(dim=self.dim, metric=self.metric, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe,
+                    pq_m=self.pq_m, pq_nbits=self.pq_nbits, train_size=self.train_size, seed=self.seed,
+                    exact_engine=self.exact_engine, backend=self.backend,
+                    devices=[str(s.device) for s in self._shards])
+
+    def save(self, path: str) -> None:
+        """One file: config, per-shard vectors / ids, the trained empty FAISS index (bytes)."""
+        trained = None
+        if self.approximate and self.is_trained:
+            faiss = faiss_or_none()
+            empty = faiss.clone_index(self._shards[0].ivf)
+            empty.reset()
+            trained = torch.from_numpy(faiss.serialize_index(empty).copy())
+        torch.save({"format": 1, "config": self.config(), "next_id": self._next_id, "trained": trained,
+                    "shards": [{"x": s.x.cpu(), "ids": s.ids.cpu()} for s in self._shards]}, path)
+
+    @classmethod
+    def load(cls, path: str, devices: Optional[Sequence[DeviceLike]] = None) -> "Index":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = dict(state["config"])
+        saved_devices = cfg.pop("devices")
+        backend = cfg.pop("backend")
+        if backend == "faiss" and faiss_or_none() is None:
+            backend = "torch"
+        idx = cls(**cfg, backend=backend, devices=list(devices) if devices else saved_devices)
+        if len(idx._shards) != len(state["shards"]):
+            raise ValueError(f"saved index has {len(state['shards'])} shards, got {len(idx._shards)} devices")
+        if state["trained"] is not None and idx.approximate:
+            faiss = faiss_or_none()
+            trained = faiss.deserialize_index(state["trained"].numpy())
+            for s in idx._shards:
+                s.adopt_trained(trained)
+        for s, st in zip(idx._shards, state["shards"]):
+            s.add(st["x"], st["ids"])  # vectors are stored already normalised
+        idx._next_id = state["next_id"]
+        return idx
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.detach().to(torch.float32)
+        return F.normalize(x, dim=1) if self.metric == "cosine" else x
+
+    def _check_ids(self, ids: Any, n: Optional[int], name: str) -> Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        if n is not None and ids.shape[0] != n:
+            raise ValueError(f"{name} must have length {n}, got {ids.shape[0]}")
+        ids = ids.to("cpu", torch.long)
+        if len(ids) and int(ids.min()) < 0:
+            raise ValueError(f"{name} must be >= 0 (−1 marks empty result slots)")
+        if len(torch.unique(ids)) != len(ids):
+            raise ValueError(f"{name} contains duplicates")
+        return ids
+
+    def _require_present(self, ids: Tensor) -> None:
+        missing = ~torch.isin(ids, self.ids.cpu())
+        if bool(missing.any()):
+            raise KeyError(f"ids not in the index: {ids[missing][:10].tolist()}")
+
+    def _exact_engine_for(self, shard: _Shard, q: Tensor, k: int) -> str:
+        if self.exact_engine != "auto":
+            engine = self.exact_engine
+        elif len(shard.ids) < _CALIBRATE_MIN_N:
+            engine = "torch"
+        else:
+            key = (shard.device.type, self.metric, self.dim)
+            if key not in _ENGINE_CACHE:
+                _ENGINE_CACHE[key] = _calibrate(shard, q)
+            engine = _ENGINE_CACHE[key]
+        if engine == "faiss" and shard.device.type == "cuda" and k > GPU_MAX_K:
+            engine = "torch"  # FAISS GPU k-selection limit
+        return engine
+
+
+def _calibrate(shard: _Shard, q: Tensor) -> str:
+    """Time torch GEMM+top-k and FAISS flat once on a sample; the faster wins (ties → torch)."""
+    n = min(len(shard.ids), 1 << 17)
+    sub = _Shard(shard.o, shard.device)
+    sub.x, sub.ids = shard.x[:n], shard.ids[:n]
+    qs = q[:256] if q.shape[0] >= 256 else q.repeat(math.ceil(256 / max(q.shape[0], 1)), 1)[:256]
+    times = {}
+    for engine, fn in (("torch", sub._search_torch), ("faiss", sub._search_faiss_flat)):
+        fn(qs[:8], 10)  # warm-up (FAISS flat build, CUDA context)
+        _sync(shard.device)
+        t0 = time.perf_counter()
+        fn(qs, 10)
+        _sync(shard.device)
+        times[engine] = time.perf_counter() - t0
+    return "faiss" if times["faiss"] < 0.9 * times["torch"] else "torch"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _drop_ids(scores: Tensor, ids: Tensor, exclude: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Remove ids equal to exclude[i] from row i (by id, wherever they sit) and keep the first k."""
+    hit = ids == exclude[:, None]
+    fill = float("-inf") if largest else float("inf")
+    scores = scores.masked_fill(hit, fill)
+    ids = ids.masked_fill(hit, -1)
+    # Stable re-sort moves the dropped slot to the end while keeping the order of the others.
+    order = (hit.to(torch.int8)).argsort(dim=1, stable=True)
+    return scores.gather(1, order)[:, :k], ids.gather(1, order)[:, :k]
+
+
+def _default_nlist(n: int) -> int:
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 1 << max(0, round(math.log2(target)))
+    return max(1, min(nlist, n // 39 or 1))
+
+
+def _default_pq_m(dim: int) -> int:
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,207 @@
+"""msa_fast.retrieval.Index: exact search vs an fp64 brute-force reference, ids, IVF, persistence, shards, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msa_fast.retrieval.index as index_mod
+from msa_fast.retrieval import Index, faiss_or_none
+
+HAS_FAISS = faiss_or_none() is not None
+needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+
+
+def _clustered(n: int, d: int, seed: int, clusters: int = 20, noise: float = 0.3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, d, generator=g)
+    return centers[torch.randint(0, clusters, (n,), generator=g)] + noise * torch.randn(n, d, generator=g)
+
+
+def _reference(q: torch.Tensor, x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, x = q.double(), x.double()
+    if metric == "cosine":
+        q, x = F.normalize(q, dim=1), F.normalize(x, dim=1)
+    if metric == "l2":
+        return torch.cdist(q, x).pow(2).topk(k, dim=1, largest=False)
+    return (q @ x.T).topk(k, dim=1)
+
+
+ENGINES = ["torch"] + (["faiss"] if HAS_FAISS else [])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_exact_search_matches_reference(engine, metric):
+    x = torch.randn(700, 24)
+    q = torch.randn(33, 24)[:, ::1]
+    idx = Index(24, metric=metric, exact_engine=engine, backend="torch" if engine == "torch" else "auto")
+    ids = idx.add(x[:400])
+    idx.add(x[400:], torch.arange(1000, 1300))
+    all_ids = torch.cat([ids, torch.arange(1000, 1300)])
+    for k in (1, 10, 700):
+        s, i = idx.search(q, k)
+        rs, ri = _reference(q, x, k, metric)
+        torch.testing.assert_close(s.double(), rs, rtol=1e-4, atol=1e-4)
+        assert torch.equal(i, all_ids[ri]), (metric, k)
+
+
+def test_torch_tiles_merge(monkeypatch):
+    """Small score budget → many database chunks, merged top-k equals one shot; non-contiguous queries."""
+    monkeypatch.setattr(index_mod, "_SCORE_BUDGET", 64)
+    x = torch.randn(500, 16)
+    q = torch.randn(16, 40)[:, :16].T.contiguous().T[:7]  # odd strides
+    idx = Index(16, metric="ip", backend="torch")
+    idx.add(x)
+    s, i = idx.search(q, 25)
+    rs, ri = _reference(q, x, 25, "ip")
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-5)
+
+
+def test_k_beyond_gpu_limit_and_self_exclusion_by_id():
+    x = torch.randn(2600, 8)
+    x[7] = x[3]  # duplicate: self can sit in either slot
+    idx = Index(8, metric="cosine", backend="torch")
+    ids = idx.add(x, torch.arange(2600) * 2)
+    s, i = idx.search(x[[3, 7, 10]], 2100, exclude_ids=ids[[3, 7, 10]])
+    assert i.shape == (3, 2100)
+    assert not (i == ids[[3, 7, 10]][:, None]).any()
+    assert i[0, 0] == ids[7] and i[1, 0] == ids[3]  # the duplicate stays, only the own id is dropped
+    assert (s[:, :-1] >= s[:, 1:]).all()
+    s, i = idx.search(x[:2], 2600, exclude_ids=ids[:2])  # k = N with an exclusion: last slot padded
+    assert (i[:, -1] == -1).all() and torch.isinf(s[:, -1]).all() and (i[:, :-1] >= 0).all()
+
+
+def test_add_remove_update_by_id():
+    x = torch.randn(50, 12)
+    idx = Index(12, metric="l2", devices=["cpu", "cpu", "cpu"], backend="torch")  # 3 shards
+    idx.add(x, torch.arange(100, 150))
+    idx.remove(torch.tensor([100, 120]))
+    new = torch.randn(2, 12)
+    idx.update(torch.tensor([101, 149]), new)
+    assert len(idx) == 48
+    s, i = idx.search(new, 1)
+    assert i.flatten().tolist() == [101, 149] and torch.allclose(s, torch.zeros(2, 1), atol=1e-4)
+    s, i = idx.search(x[[0, 20]], 1)
+    assert not torch.isin(i, torch.tensor([100, 120])).any()
+    got = idx.add(torch.randn(3, 12))
+    assert got.tolist() == [150, 151, 152]
+    with pytest.raises(ValueError, match="already present"):
+        idx.add(torch.randn(1, 12), torch.tensor([101]))
+    with pytest.raises(KeyError, match="not in the index"):
+        idx.remove(torch.tensor([100]))
+    with pytest.raises(ValueError, match="duplicates"):
+        idx.add(torch.randn(2, 12), torch.tensor([7, 7]))
+    with pytest.raises(ValueError, match=">= 0"):
+        idx.add(torch.randn(1, 12), torch.tensor([-3]))
+
+
+def test_sharded_equals_single():
+    x, q = _clustered(900, 16, 1), torch.randn(20, 16)
+    one = Index(16, metric="cosine", backend="torch")
+    many = Index(16, metric="cosine", devices=["cpu", "cpu"], backend="torch")
+    one.add(x)
+    many.add(x)
+    ex = torch.arange(20)
+    assert torch.equal(one.search(q, 17, exclude_ids=ex)[1], many.search(q, 17, exclude_ids=ex)[1])
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_ivf_recall_and_refresh_without_retraining(metric):
+    x = _clustered(4000, 32, 2, clusters=40, noise=0.2)
+    q = x[:64] + 0.05 * torch.randn(64, 32)
+    exact = Index(32, metric=metric, backend="torch")
+    exact.add(x)
+    ivf = Index(32, metric=metric, kind="ivf_flat", nlist=32, nprobe=8)
+    ivf.add(x)
+    _, ie = exact.search(q, 10)
+    _, ia = ivf.search(q, 10)  # trains on first search
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ie, ia)) / ie.numel()
+    assert recall >= 0.95
+    centroids = ivf._shards[0].ivf.quantizer.reconstruct_n(0, 32).copy()
+    ivf.reset()
+    assert ivf.is_trained and len(ivf) == 0
+    x2 = x + 0.01 * torch.randn_like(x)
+    ivf.add(x2)  # epoch refresh: re-add, no re-training
+    assert (ivf._shards[0].ivf.quantizer.reconstruct_n(0, 32) == centroids).all()
+    _, ib = ivf.search(q, 10)
+    assert (ib >= 0).all()
+    _, iexact = ivf.search(q, 10, exact=True)
+    exact.reset()
+    exact.add(x2)
+    assert torch.equal(iexact, exact.search(q, 10)[1])
+
+
+@needs_faiss
+def test_ivf_pq_and_id_ops():
+    x = _clustered(12000, 32, 3, clusters=30)
+    idx = Index(32, metric="l2", kind="ivf_pq", nlist=16, nprobe=16, pq_m=8)
+    ids = idx.add(x)
+    idx.train()
+    idx.remove(ids[:100])
+    s, i = idx.search(x[:5], 5, exclude_ids=ids[:5])
+    assert (i >= 100).all() and torch.isfinite(s).all()
+    idx.update(ids[200:202], x[:2])
+    _, i = idx.search(x[:2], 1)
+    assert i.flatten().tolist() == ids[200:202].tolist()
+
+
+@pytest.mark.parametrize("kind", ["flat"] + (["ivf_flat"] if HAS_FAISS else []))
+def test_save_load_roundtrip(tmp_path, kind):
+    x = _clustered(2000, 16, 4)
+    idx = Index(16, metric="cosine", kind=kind, nlist=16 if kind != "flat" else None, nprobe=4)
+    idx.add(x, torch.arange(2000) + 5)
+    q = torch.randn(9, 16)
+    before = idx.search(q, 7)
+    path = tmp_path / "idx.pt"
+    idx.save(str(path))
+    torch.load(str(path), weights_only=True)  # plain tensors / primitives only
+    loaded = Index.load(str(path))
+    after = loaded.search(q, 7)
+    assert torch.equal(before[1], after[1])
+    torch.testing.assert_close(before[0], after[0])
+    assert loaded.add(torch.randn(1, 16)).tolist() == [2005]
+
+
+def test_torch_fallback_without_faiss(monkeypatch):
+    monkeypatch.setattr(index_mod, "faiss_or_none", lambda: None)
+    monkeypatch.setattr(index_mod, "_WARNED", set())
+    with pytest.warns(UserWarning, match="needs faiss"):
+        idx = Index(8, kind="ivf_flat")
+    assert not idx.approximate and idx.backend == "torch"
+    x = torch.randn(100, 8)
+    idx.add(x)
+    _, i = idx.search(x[:4], 3)
+    assert torch.equal(i, _reference(x[:4], x, 3, "cosine")[1])
+    with pytest.raises(ValueError, match="not installed"):
+        Index(8, backend="faiss")
+
+
+def test_bad_input():
+    idx = Index(8, backend="torch")
+    with pytest.raises(ValueError, match="empty"):
+        idx.search(torch.randn(2, 8), 1)
+    with pytest.raises(ValueError, match=r"shape \(n, 8\)"):
+        idx.add(torch.randn(3, 9))
+    bad = torch.randn(3, 8)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        idx.add(bad)
+    idx.add(torch.randn(5, 8))
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="queries contains NaN or inf"):
+        idx.search(bad, 1)
+    with pytest.raises(ValueError, match="exceeds"):
+        idx.search(torch.randn(2, 8), 6)
+    with pytest.raises(ValueError, match="queries must have shape"):
+        idx.search(torch.randn(2, 7), 1)
+    with pytest.raises(ValueError, match="exclude_ids"):
+        idx.search(torch.randn(2, 8), 1, exclude_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="metric"):
+        Index(8, metric="dot")
+    with pytest.raises(ValueError, match="kind"):
+        Index(8, kind="hnsw")
+    with pytest.raises(TypeError, match="1-D integer"):
+        idx.remove(torch.tensor([0.5]))
