@@ -201,10 +201,11 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: hand-picked per padded head dim (no autotune). Same tiles on sm_80 and sm_90: at MSA sizes (L <= ~500,
-# D <= 64) the kernels are bandwidth/latency bound and these tiles compile spill-free on both (tests/test_aot.py).
+# D <= 128) the kernels are bandwidth/latency bound and these tiles compile spill-free on both (tests/test_aot.py).
 # ----------------------------------------------------------------------------------------------------------------
-HEAD_DIM_BLOCKS = (16, 32, 64)
+HEAD_DIM_BLOCKS = (16, 32, 64, 128)
 AOT_DTYPES = ("fp32", "bf16")  # fp16 takes the bf16 configs (same tile sizes, same MMA shapes)
+KINDS = ("fwd", "dkdv", "dq")
 
 
 def _config(kind: str, bd: int, fp32: bool) -> dict:
@@ -212,18 +213,23 @@ def _config(kind: str, bd: int, fp32: bool) -> dict:
 
     fp32 dots run as exact FMA loops (input_precision="ieee"), which hold more operand registers than tensor-core
     MMAs: they get 8 warps from bd >= 32 (16-bit from bd 64). All picks compile without spills for sm_80 and sm_90
-    (tests/test_aot.py). Same tiles on both architectures: at MSA sizes (L <= ~500, D <= 64) the kernels are
+    (tests/test_aot.py). Same tiles on both architectures: at MSA sizes (L <= ~500, D <= 128) the kernels are
     latency/bandwidth bound, and the AOT table shows no per-arch resource problem that would call for a split.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    if bd == 128:
+        # 32 x 32 tiles, 8 warps for every kernel. Measured at bd 128 (ptxas -v): the bd-64 tiles spill (16-bit
+        # fwd 64x32 and dq 64x32 at 255 registers, dkdv 32x64 on sm_90), 16 warps spill more (128-register cap),
+        # and the fp32 dq tile (FMA dots, all operands fp32) spills on sm_80 at BLOCK_N 32 but is clean at 16.
+        return dict(BLOCK_M=32, BLOCK_N=16 if fp32 and kind == "dq" else 32, num_warps=8, num_stages=2)
     warps = 8 if bd == 64 or (fp32 and bd >= 32) else 4
     if kind == "fwd":
         # 8 warps from bd 32: with 4 warps the bd-64 16-bit tile sat at 255 registers (no spill, no headroom).
         return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 32 else 32, num_warps=4 if bd == 16 else 8, num_stages=2)
     if kind == "dkdv":
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=warps, num_stages=2)
-    if kind == "dq":
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2)
-    raise ValueError(f"unknown kernel kind {kind!r}")
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2)  # dq
 
 
 def _launch_cfg(kind: str, bd: int, dtype: torch.dtype, block_m: Optional[int], block_n: Optional[int]) -> dict:
@@ -240,7 +246,8 @@ def _aot_configs() -> list[dict]:
     out = []
     for kind, fn in kernels.items():
         for bd in HEAD_DIM_BLOCKS:
-            for dt in AOT_DTYPES:
+            # At bd 128 the 16-bit tiles sit at 190-245 registers: fp16 is compiled too, not assumed equal to bf16.
+            for dt in AOT_DTYPES + (("fp16",) if bd == 128 else ()):
                 cfg = _config(kind, bd, dt == "fp32")
                 constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd)
                 t = "*" + dt

@@ -25,6 +25,12 @@ CASES = [
     ("fp16-d64-2src-default-noncontig", F16, 1, 2, 9, (5, 40), 64, True, None),
     ("fp32-d64-2src-b16", F32, 1, 1, 20, (3, 18), 64, False, 16),
     ("bf16-d32-3src-default", BF16, 2, 2, 40, (10, 30, 7), 32, True, None),
+    # Head dims 65..128 (padded to 128): tiny shapes, the interpreter's cost grows with the 128-wide tiles.
+    ("fp32-d96-2src-b16", F32, 1, 1, 18, (5, 14), 96, False, 16),
+    ("fp16-d96-1src-default-noncontig", F16, 1, 2, 9, (21,), 96, True, None),
+    ("fp32-d128-2src-default-noncontig", F32, 2, 1, 7, (0, 40), 128, True, None),
+    ("fp16-d128-3src-b16", F16, 1, 1, 20, (3, 17, 6), 128, False, 16),
+    ("bf16-d128-2src-default", BF16, 2, 2, 40, (33, 9), 128, False, None),
 ]
 
 
@@ -150,7 +156,7 @@ def test_all_keys_padded_gives_zeros_not_nan(triton_device, poison_empty):
 
 
 def test_invalid_arguments_raise(triton_device):
-    q = torch.randn(1, 1, 4, 80, device=triton_device)
+    q = torch.randn(1, 1, 4, 129, device=triton_device)
     kv = torch.ones(1, 4, dtype=torch.bool, device=triton_device)
     with pytest.raises(ValueError, match="head dim"):
         attn.forward(q, q, q, kv, (0, 4), None, 1.0)
@@ -164,7 +170,7 @@ def test_invalid_arguments_raise(triton_device):
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("d", [8, 12, 16, 32, 64])
+@pytest.mark.parametrize("d", [8, 12, 16, 32, 64, 96, 128])
 def test_launcher_configs_are_listed_for_aot(dtype, d):
     """Every tile config the launchers can pick appears in AOT_CONFIGS (so the AOT test checks it)."""
     from msa_fast.kernels import block_d

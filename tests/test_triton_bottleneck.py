@@ -20,6 +20,12 @@ CASES = [
     ("fp32-d32-k1-3seg-default", F32, 1, 2, (50, 11, 3), 1, 32, False, None),
     ("fp16-d64-k8-2seg-default-noncontig", F16, 2, 1, (9, 40), 8, 64, True, None),
     ("bf16-d32-k4-3seg-default", BF16, 2, 2, (50, 37, 61), 4, 32, False, None),
+    # Head dims 65..128 (padded to 128): tiny shapes.
+    ("fp32-d96-k3-2seg-b16", F32, 1, 1, (9, 20), 3, 96, False, 16),
+    ("fp16-d96-k16-2seg-default-noncontig", F16, 2, 1, (12, 5), 16, 96, True, None),
+    ("fp32-d128-k8-3seg-default-noncontig", F32, 2, 1, (10, 0, 35), 8, 128, True, None),
+    ("fp16-d128-k5-2seg-b16", F16, 1, 2, (17, 6), 5, 128, False, 16),
+    ("bf16-d128-k8-2seg-default", BF16, 2, 2, (40, 70), 8, 128, False, None),
 ]
 
 
@@ -114,10 +120,13 @@ def test_invalid_arguments_raise(triton_device):
         bx.forward(q, (0, 6), k, k, None, None, 1.0)
     with pytest.raises(ValueError, match="q_offsets"):
         bx.forward(q, (0, 4, 3), k, k, None, None, 1.0)
+    q, k = torch.randn(1, 1, 6, 129, device=triton_device), torch.randn(1, 1, 2, 4, 129, device=triton_device)
+    with pytest.raises(ValueError, match="head dim"):
+        bx.forward(q, (0, 3, 6), k, k, None, None, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("d", [4, 12, 16, 32, 64])
+@pytest.mark.parametrize("d", [4, 12, 16, 32, 64, 96, 128])
 def test_launcher_configs_are_listed_for_aot(dtype, d):
     from msa_fast.kernels import block_d
 
