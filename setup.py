@@ -21,11 +21,14 @@ if os.environ.get("MSA_FAST_NO_EXT", "0") != "1":
         sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
         if sources:
             omp = [] if sys.platform == "darwin" else ["-fopenmp"]
+            # Tuned for the build host (AVX2/FMA/AVX-512 where present): the extension is built from source on the
+            # machine that runs it. MSA_FAST_PORTABLE=1 builds a generic x86-64 binary instead.
+            arch = [] if os.environ.get("MSA_FAST_PORTABLE", "0") == "1" else ["-march=native"]
             ext_modules.append(
                 CppExtension(
                     "msa_fast._C",
                     sources,
-                    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffast-math", "-fno-finite-math-only", *omp]},
+                    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffast-math", "-fno-finite-math-only", *arch, *omp]},
                     extra_link_args=omp,
                 )
             )

@@ -1,0 +1,6 @@
+"""Neural-network layers on top of the fused ops (``msa_fast.ops``); parameter mappings in each module."""
+from .attention import CrossModalAttention, MultiSourceAttention, merge_heads, split_heads
+from .bottleneck import BottleneckFusion, BottleneckFusionLevel
+
+__all__ = ["BottleneckFusion", "BottleneckFusionLevel", "CrossModalAttention", "MultiSourceAttention",
+           "merge_heads", "split_heads"]

@@ -1,18 +1,62 @@
-"""Cross-modal attention with key padding (interim: reference-backed; backends land next)."""
+"""Cross-modal attention with key padding: ``attention(q, k, v, ...)``.
+
+One source of the segmented-attention core (``multi_source_attention`` with S = 1) on the chosen backend.
+
+CPU routing under ``backend="auto"`` (no ``use_backend`` / ``MSA_FAST_BACKEND`` override): inference calls (no
+gradient needed) on fp32/fp64 CPU tensors with head dim <= 16 go to ``torch.nn.functional.scaled_dot_product_attention``
+(boolean key mask, query padding applied afterwards) instead of the C++ kernel, because ``msa-fast bench ops --full``
+measured SDPA's forward faster there; training calls and D > 16 use the C++ kernel, which measured faster for
+forward+backward (rule and numbers: ``msa_fast.ops.multi_source_attention.SDPA_MAX_HEAD_DIM``). torch >= 2.5 returns
+zeros and finite gradients for fully masked rows in SDPA (tested). ``backend="cpp"`` always uses the C++ kernel.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..testing.reference import attention_ref
+from . import _dispatch
+from ._core import check_float, check_mask, check_same, check_scale, lengths_to_padding
+from .multi_source_attention import run_sdpa, run_segmented, sdpa_route_applies
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               k_lengths: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
               scale: Optional[float] = None, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
-    """q (B,H,Lq,D), k/v (B,H,Lk,D), key_padding_mask (B,Lk) bool True=pad or k_lengths (B,) → (B,H,Lq,D)."""
+    """softmax(q·kᵀ·scale, masked)·v.
+
+    q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) bool, True = padding — or k_lengths (B,) int
+    (keys at positions ≥ length are padding); query_padding_mask (B, Lq) bool, True = padding (zero output rows);
+    scale defaults to D^-0.5; dropout_p > 0 applies dropout on the probabilities (reference path) → (B, H, Lq, D).
+    A query row with no valid key gives zeros, never NaN.
+    """
+    check_float(q, "q", 4, "(B, H, Lq, D)")
+    check_float(k, "k", 4, "(B, H, Lk, D)")
+    check_float(v, "v", 4, "(B, H, Lk, D)")
+    check_same(k, "k", q, "q")
+    check_same(v, "v", q, "q")
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, H={H}, Lk, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Lk = k.shape[2]
+    if key_padding_mask is not None and k_lengths is not None:
+        raise ValueError("give key_padding_mask or k_lengths, not both")
     if k_lengths is not None:
-        import torch
-        key_padding_mask = torch.arange(k.shape[2], device=k.device)[None] >= k_lengths[:, None]
-    return attention_ref(q, k, v, key_padding_mask, query_padding_mask, scale, dropout_p)
+        key_padding_mask = lengths_to_padding(k_lengths, "k_lengths", B, Lk, q.device)
+    elif key_padding_mask is not None:
+        check_mask(key_padding_mask, "key_padding_mask", (B, Lk), q.device)
+    if query_padding_mask is not None:
+        check_mask(query_padding_mask, "query_padding_mask", (B, Lq), q.device)
+    scale = check_scale(scale, D)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    name = _dispatch.resolve(backend, q.device)
+    if dropout_p > 0.0:  # fused backends have no dropout: the reference (autograd through it) applies it
+        return attention_ref(q, k, v, key_padding_mask, query_padding_mask, scale, float(dropout_p))
+    if sdpa_route_applies(backend, name, q, [q, k, v]):
+        return run_sdpa(q, [(k, v, key_padding_mask)], scale, query_padding_mask)
+    return run_segmented(q, [(k, v, key_padding_mask)], scale, query_padding_mask, name)

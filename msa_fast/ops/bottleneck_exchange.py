@@ -1,16 +1,73 @@
-"""Modality tokens attend to their sample's bottleneck tokens, all modalities at once (interim)."""
+"""Modality tokens attend to their sample's bottleneck tokens, all modalities in one launch.
+
+Each modality m has its own projection (k_m, v_m) of the K ≤ 16 bottleneck tokens; the query tokens of all
+modalities are concatenated along the sequence axis and delimited by offsets. The reverse direction (bottleneck
+queries over all modality tokens) is ``multi_source_attention``. Residual / LayerNorm handling lives in
+``msa_fast.nn.BottleneckFusion``.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
-from ..testing.reference import bottleneck_exchange_ref
+from . import _dispatch
+from ._core import BottleneckExchangeFn, check_float, check_mask, check_same, check_scale, offsets_of
+
+MAX_BOTTLENECK = 16  # the Triton kernel keeps all K keys in one tile
 
 
 def bottleneck_exchange(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor],
                         query_padding_masks: Optional[Sequence[Optional[Tensor]]] = None,
                         key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
                         backend: str = "auto") -> list[Tensor]:
-    """queries[m] (B,H,L_m,D); keys[m]/values[m] (B,H,K,D), K ≤ 16 → [(B,H,L_m,D)]."""
-    return bottleneck_exchange_ref(queries, keys, values, query_padding_masks, key_padding_mask, scale)
+    """queries[m] (B, H, L_m, D); keys[m], values[m] (B, H, K, D), K ≤ 16; query_padding_masks[m] (B, L_m) bool
+    True = padding, or None; key_padding_mask (B, K) bool shared by all modalities → [(B, H, L_m, D)]."""
+    for what, seq in (("queries", queries), ("keys", keys), ("values", values)):
+        if isinstance(seq, Tensor) or not hasattr(seq, "__len__") or len(seq) == 0:
+            raise ValueError(f"{what} must be a non-empty list of tensors (one per modality)")
+    M = len(queries)
+    if len(keys) != M or len(values) != M:
+        raise ValueError(f"queries, keys and values must have one entry per modality, got {M}, {len(keys)}, "
+                         f"{len(values)}")
+    q0 = check_float(queries[0], "queries[0]", 4, "(B, H, L_m, D)")
+    B, H, _, D = q0.shape
+    K = None
+    for m in range(M):
+        q = check_float(queries[m], f"queries[{m}]", 4, "(B, H, L_m, D)")
+        k = check_float(keys[m], f"keys[{m}]", 4, "(B, H, K, D)")
+        v = check_float(values[m], f"values[{m}]", 4, "(B, H, K, D)")
+        for name, t in ((f"queries[{m}]", q), (f"keys[{m}]", k), (f"values[{m}]", v)):
+            check_same(t, name, q0, "queries[0]")
+        if q.shape[:2] != (B, H) or q.shape[3] != D:
+            raise ValueError(f"queries[{m}] must be (B={B}, H={H}, L_m, D={D}), got {tuple(q.shape)}")
+        K = k.shape[2] if K is None else K
+        if k.shape != (B, H, K, D):
+            raise ValueError(f"keys[{m}] must be (B={B}, H={H}, K={K}, D={D}), got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"values[{m}] must have keys[{m}]'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if query_padding_masks is not None:
+        if len(query_padding_masks) != M:
+            raise ValueError(f"query_padding_masks must have {M} entries (None allowed), got {len(query_padding_masks)}")
+        for m, mask in enumerate(query_padding_masks):
+            if mask is not None:
+                check_mask(mask, f"query_padding_masks[{m}]", (B, queries[m].shape[2]), q0.device)
+    if key_padding_mask is not None:
+        check_mask(key_padding_mask, "key_padding_mask", (B, K), q0.device)
+    scale = check_scale(scale, D)
+    name = _dispatch.resolve(backend, q0.device)
+    if name == "triton" and K > MAX_BOTTLENECK:
+        raise ValueError(f"keys: the Triton backend supports K ≤ {MAX_BOTTLENECK} bottleneck tokens, got K={K}")
+    lengths = [q.shape[2] for q in queries]
+    q = torch.cat(list(queries), dim=2).contiguous()
+    k = torch.stack(list(keys), dim=2).contiguous()
+    v = torch.stack(list(values), dim=2).contiguous()
+    q_valid = None
+    if query_padding_masks is not None and any(m is not None for m in query_padding_masks):
+        q_valid = torch.cat([torch.ones(B, n, dtype=torch.bool, device=q.device) if m is None else ~m
+                             for m, n in zip(query_padding_masks, lengths)], dim=1).contiguous()
+    key_valid = None if key_padding_mask is None else (~key_padding_mask).contiguous()
+    out = BottleneckExchangeFn.apply(q, k, v, key_valid, q_valid, offsets_of(lengths), scale,
+                                     _dispatch.get("bottleneck_exchange", name))
+    return list(torch.split(out, lengths, dim=2))

@@ -20,6 +20,8 @@ def masked_softmax(scores: Tensor, key_padding: Optional[Tensor]) -> Tensor:
 
     Rows with every key excluded give all-zero probabilities (not NaN), with finite gradients.
     """
+    if scores.shape[-1] == 0:  # an empty source: no probabilities at all
+        return scores
     if key_padding is not None:
         scores = scores.masked_fill(key_padding, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -1,0 +1,83 @@
+"""Backend "cpp": the OPS_CONTRACT.md forward/backward on CPU tensors via the OpenMP extension ``msa_fast._C``.
+
+The kernels run in float32 (float64 for float64 inputs, for gradcheck); fp16 / bf16 inputs are upcast here and the
+results cast back. lse / o_src / delta are float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+
+def _lib():
+    lib = _ext.cpp_extension()
+    if lib is None:
+        raise RuntimeError("the C++ extension msa_fast._C is not built")
+    return lib
+
+
+def _kdtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).contiguous()
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, src_offsets: Sequence[int],
+                      q_valid: Optional[Tensor], scale: float):
+    dt = _kdtype(q)
+    out, lse, o_src = _lib().attention_forward(
+        _c(q, dt), _c(k, dt), _c(v, dt), key_valid.contiguous(), [int(o) for o in src_offsets],
+        None if q_valid is None else q_valid.contiguous(), float(scale))
+    return out.to(q.dtype), lse, (o_src if len(src_offsets) > 2 else None)
+
+
+def attention_backward(q, k, v, key_valid, src_offsets, q_valid, scale, lse, delta, dout):
+    # q_valid is encoded in lse (+inf rows give P = 0), so the kernel does not need it
+    dt = _kdtype(q)
+    dq, dk, dv = _lib().attention_backward(
+        _c(q, dt), _c(k, dt), _c(v, dt), key_valid.contiguous(), [int(o) for o in src_offsets], _c(lse, dt),
+        _c(delta, dt), _c(dout, dt), float(scale))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _key_valid(key_valid: Optional[Tensor], q: Tensor, k: Tensor) -> Tensor:
+    if key_valid is None:
+        return torch.ones(q.shape[0], k.shape[3], dtype=torch.bool)
+    return key_valid.contiguous()
+
+
+def bottleneck_forward(q: Tensor, q_offsets: Sequence[int], k: Tensor, v: Tensor, key_valid: Optional[Tensor],
+                       q_valid: Optional[Tensor], scale: float):
+    dt = _kdtype(q)
+    out, lse = _lib().bottleneck_forward(_c(q, dt), [int(o) for o in q_offsets], _c(k, dt), _c(v, dt),
+                                         _key_valid(key_valid, q, k),
+                                         None if q_valid is None else q_valid.contiguous(), float(scale))
+    return out.to(q.dtype), lse
+
+
+def bottleneck_backward(q, q_offsets, k, v, key_valid, q_valid, scale, lse, delta, dout):
+    dt = _kdtype(q)
+    dq, dk, dv = _lib().bottleneck_backward(_c(q, dt), [int(o) for o in q_offsets], _c(k, dt), _c(v, dt),
+                                            _key_valid(key_valid, q, k), _c(lse, dt), _c(delta, dt), _c(dout, dt),
+                                            float(scale))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def masked_mean_forward(x: Tensor, valid: Tensor) -> Tensor:
+    return _lib().masked_mean_forward(_c(x, _kdtype(x)), valid.contiguous()).to(x.dtype)
+
+
+def masked_mean_backward(x: Tensor, valid: Tensor, dout: Tensor) -> Tensor:
+    return _lib().masked_mean_backward(valid.contiguous(), _c(dout, _kdtype(x)), x.shape[1]).to(x.dtype)
+
+
+attention = SimpleNamespace(forward=attention_forward, backward=attention_backward)
+bottleneck_exchange = SimpleNamespace(forward=bottleneck_forward, backward=bottleneck_backward)
+masked_mean = SimpleNamespace(forward=masked_mean_forward, backward=masked_mean_backward)
