@@ -1,9 +1,10 @@
-"""MMSADataset / collate / make_loader → Batch, and HME-style word alignment."""
+"""MMSADataset / collate / make_loader → Batch, split row access / iteration, and HME-style word alignment."""
 import numpy as np
 import pytest
 import torch
 
-from msa_fast.data import Batch, MMSADataset, collate, load_mmsa, make_loader, synthetic, word_align
+from msa_fast.data import (Batch, MMSADataset, SplitRows, collate, concat_batches, iterate_batches, load_mmsa,
+                            make_loader, select_rows, synthetic, word_align)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,51 @@ def test_batch_to_device(mosi):
     b = MMSADataset(mosi["valid"])[[0, 1]]
     m = b.to("meta")
     assert m.audio.device.type == "meta" and m.text_features.device.type == "meta" and m.ids == b.ids
+
+
+# ---- split row access / iteration (SplitRows, iterate_batches) --------------------------------------------------
+def test_split_rows_and_iterate_batches_agree_for_every_form_of_the_split(mosi):
+    ds = MMSADataset(mosi["train"])
+    whole = ds[list(range(21))]
+    shuffled = list(make_loader(ds, batch_size=5, shuffle=True, seed=1))
+    forms = {"dataset": lambda: ds, "dict": lambda: mosi["train"], "loader": lambda: make_loader(ds, 4, shuffle=True),
+             "batch": lambda: whole, "shuffled batches": lambda: shuffled, "generator": lambda: iter(shuffled)}
+    rows = torch.tensor([20, 3, 3, 0])
+    for name, data in forms.items():
+        split = SplitRows(data())
+        assert len(split) == 21, name
+        _assert_batches_equal(split.rows(rows), ds[rows.tolist()])
+        got = list(iterate_batches(data(), batch_size=8, device="cpu"))
+        assert [b.batch_size for b in got] == [8, 8, 5], name
+        _assert_batches_equal(concat_batches(got), whole)
+
+
+def test_select_rows_and_concat_batches(mosi):
+    ds = MMSADataset(mosi["train"])
+    b = ds[[0, 1, 2, 3]]
+    _assert_batches_equal(select_rows(b, torch.tensor([2, 0])), ds[[2, 0]])
+    narrow = b.replace(text_ids=b.text_ids[:, :5], text_attention_mask=b.text_attention_mask[:, :5],
+                       text_segment_ids=b.text_segment_ids[:, :5], text_features=b.text_features[:, :5])
+    joined = concat_batches([b, narrow])
+    assert joined.batch_size == 8 and joined.text_ids.shape == (8, b.text_ids.shape[1])
+    assert (joined.text_ids[4:, 5:] == 0).all() and (joined.text_features[4:, 5:] == 0).all()
+    assert joined.ids == b.ids * 2
+
+
+def test_split_rows_bad_input(mosi):
+    ds = MMSADataset(mosi["train"])
+    with pytest.raises(ValueError, match="permutation"):
+        SplitRows([ds[[0, 1]], ds[[1, 2]]])
+    with pytest.raises(TypeError, match="Batch"):
+        SplitRows(3)
+    with pytest.raises(TypeError, match="iterate to Batch"):
+        SplitRows([])
+    with pytest.raises(TypeError, match="iterate to Batch"):
+        SplitRows([1, 2])
+    with pytest.raises(ValueError, match="batch_size"):
+        list(iterate_batches(ds, batch_size=0))
+    with pytest.raises(ValueError, match="at least one"):
+        concat_batches([])
 
 
 # ---- word alignment ---------------------------------------------------------------------------------------

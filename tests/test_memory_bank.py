@@ -94,6 +94,44 @@ def test_eval_is_not_transductive_and_no_nan_for_missing_queries():
     torch.testing.assert_close(rz[0], x[avail].mean(0))
 
 
+@pytest.mark.parametrize("threshold", [None, 0.6])
+def test_k_none_takes_every_available_row_above_the_threshold(threshold):
+    """k=None (HME's evaluation bank): all available rows pass to the threshold, none cut off by a top-k."""
+    n, d = 300, 16
+    x, avail = _bank_data(n, d, 3)
+    bank = MemoryBank(n, d, modalities=("a",), index_kwargs={"backend": "torch"})
+    bank.update("a", torch.arange(n), x, avail)
+    q = x[torch.tensor([1, 2, 150, 299])] + 0.1 * torch.randn(4, d)
+    q[-1] = 0.0  # cosine 0 to everything → fallback under the threshold
+    r, info = bank.retrieve("a", q, k=None, threshold=threshold)
+    n_avail = int(avail.sum())
+    torch.testing.assert_close(r.double(), _loop_reference(x, avail, q, n_avail, threshold, "mean", None),
+                               rtol=1e-4, atol=1e-5)
+    assert info["ids"].shape == (4, n_avail) and not torch.isin(info["ids"][info["valid"]],
+                                                                 (~avail).nonzero().flatten()).any()
+    if threshold is not None:
+        assert info["valid"].sum(1)[:3].min() > 8  # more neighbours than any fixed small k would keep
+        assert info["fallback"].tolist() == [False, False, False, True]
+
+
+def test_fallback_mask_forces_the_fallback_mean():
+    n, d = 50, 8
+    x, avail = _bank_data(n, d, 4)
+    bank = MemoryBank(n, d, modalities=("v",))
+    bank.update("v", torch.arange(n), x, avail)
+    q = x[:3].clone()
+    force = torch.tensor([False, True, False])
+    r, info = bank.retrieve("v", q, k=None, threshold=0.5, fallback_mask=force)
+    plain, _ = bank.retrieve("v", q, k=None, threshold=0.5)
+    assert info["fallback"][1] and not info["fallback"][[0, 2]].any()
+    torch.testing.assert_close(r[1], x[avail & (x.sum(1) != 0)].mean(0))
+    torch.testing.assert_close(r[[0, 2]], plain[[0, 2]])
+    with pytest.raises(ValueError, match="fallback_mask"):
+        bank.retrieve("v", q, k=None, fallback_mask=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k must be a positive int or None"):
+        bank.retrieve("v", q, k=0)
+
+
 @pytest.mark.skipif(faiss_or_none() is None, reason="faiss not installed")
 def test_ivf_bank_refresh_keeps_quantizer():
     n, d = 3000, 16

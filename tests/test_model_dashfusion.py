@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from msa_fast.data.batch import Batch
+from msa_fast.data.dataset import select_rows
 from msa_fast.models import build
-from msa_fast.models.dashfusion_partners import draw_partners, official_pair_indices, partner_ntxent_loss, select_rows
+from msa_fast.models.dashfusion_partners import draw_partners, official_pair_indices, partner_ntxent_loss
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.partners import official_partner_loop
 

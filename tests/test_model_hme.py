@@ -393,7 +393,8 @@ def test_bank_evaluation_is_independent_of_the_evaluation_batch():
 
     with torch.no_grad():
         whole, split = whole_and_split()
-        assert len(model.bank) == 16 and not model._bank_stale
+        assert model.bank.num_samples == 16 and not model._bank_stale
+        assert all(bool(model.bank.available[m].all()) for m in MODS)
         model.config["eval_retrieval"] = "in_batch"  # official: transductive
         whole_ib, split_ib = whole_and_split()
     for k in keys:
@@ -408,7 +409,7 @@ def test_bank_is_rebuilt_after_training_steps_and_equals_an_explicit_build():
     model.eval()
     with torch.no_grad():
         model(tiny_batch(4, seed=2))
-    first = model.bank.values.clone()
+    first = _bank_values(model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.training_step(train)["loss"].backward()
@@ -417,10 +418,68 @@ def test_bank_is_rebuilt_after_training_steps_and_equals_an_explicit_build():
     model.eval()
     with torch.no_grad():
         model(tiny_batch(4, seed=2))
-    assert not torch.allclose(first, model.bank.values)
-    lazily = model.bank.values.clone()
-    model.build_memory_bank([_rows(train, slice(0, 4)), _rows(train, slice(4, 10))])
-    torch.testing.assert_close(model.bank.values, lazily)
+    assert not torch.allclose(first, _bank_values(model))
+    lazily = _bank_values(model)
+    model.build_memory_bank([_rows(train, slice(4, 10)), _rows(train, slice(0, 4))])  # any order, keyed by index
+    torch.testing.assert_close(_bank_values(model), lazily)
+
+
+def _bank_values(model) -> torch.Tensor:
+    """(N, 3, d) copy of the bank's stored H_l/a/v."""
+    return torch.stack([model.bank.storage[m] for m in MODS], dim=1).clone()
+
+
+def _bank_reference(keys, ok, queries, threshold):
+    """HME's bank rule per query in float64: mean of the available rows with cos ≥ threshold, else (or when the
+    query's entry sum is 0) the mean of the available rows with non-zero entry sum."""
+    keys, queries = keys.double(), queries.double()
+    cos = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T
+    fallback = keys[ok & (keys.sum(1) != 0)].mean(0)
+    out = []
+    for i in range(len(queries)):
+        sel = ok & (cos[i] >= threshold)
+        out.append(keys[sel].mean(0) if sel.any() and queries[i].sum() != 0 else fallback)
+    return torch.stack(out), cos
+
+
+def test_bank_retrieval_matches_float64_reference_and_never_retrieves_a_missing_modality():
+    model = tiny_model().eval()
+    train = tiny_batch(12, seed=3, availability=MISSING + MISSING[:4])
+    test = tiny_batch(8, seed=4, availability=MISSING[::-1])
+    with torch.no_grad():
+        model.build_memory_bank(train)
+        keys = model.encode(train)
+        queries = model.encode(test)
+    ok = train.availability
+    for i, m in enumerate(MODS):
+        assert model.bank.available[m].tolist() == ok[:, i].tolist()
+        torch.testing.assert_close(model.bank.storage[m], keys[f"H_{m}"])
+    # a threshold between two observed cosines (no float32 / float64 tie), so that some queries fall back
+    cos_all = torch.cat([_bank_reference(keys[f"H_{m}"], ok[:, i], queries[f"H_{m}"], 0.0)[1].flatten()
+                         for i, m in enumerate(MODS)]).sort().values
+    mid = len(cos_all) * 3 // 4
+    threshold = float(cos_all[mid - 1] + cos_all[mid]) / 2
+    model.config["similarity_threshold"] = threshold
+    with torch.no_grad():
+        out = model(test, details=True)
+    n_fallback = 0
+    for i, m in enumerate(MODS):
+        ref, cos = _bank_reference(keys[f"H_{m}"], ok[:, i], queries[f"H_{m}"], threshold)
+        torch.testing.assert_close(out[f"R_{m}"].double(), ref, rtol=1e-5, atol=1e-6)
+        neighbours = out[f"retrieval.neighbours_{m}"]
+        assert not neighbours[:, ~ok[:, i]].any()  # a missing modality is never retrieved
+        assert torch.equal(neighbours, (cos >= threshold) & ok[:, i])
+        n_fallback += int((~neighbours.any(1)).sum())
+    assert 0 < n_fallback < 24
+
+
+def test_bank_with_a_modality_missing_in_every_training_sample_gives_zero_retrieval():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.build_memory_bank(tiny_batch(6, seed=3, availability=[[1, 0, 1]] * 6))
+        out = model(tiny_batch(4, seed=4))
+    assert torch.equal(out["R_a"], torch.zeros_like(out["R_a"])) and torch.isfinite(out["M"]).all()
+    assert out["R_l"].abs().sum() > 0
 
 
 def _rows(batch: Batch, sl: slice) -> Batch:

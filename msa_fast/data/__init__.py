@@ -7,7 +7,7 @@
 """
 from .alignment import word_align
 from .batch import MODALITIES, Batch, lengths_to_padding_mask
-from .dataset import MMSADataset, collate, make_loader
+from .dataset import MMSADataset, SplitRows, collate, concat_batches, iterate_batches, make_loader, select_rows
 from .mag import read_mag, to_mag
 from .missing import (
     INCOMPLETE_PATTERNS,
@@ -28,6 +28,7 @@ __all__ = [
     "Batch", "MODALITIES", "lengths_to_padding_mask",
     "load_mmsa", "validate_split", "synthetic", "save_mmsa", "read_mag", "to_mag",
     "MMSADataset", "collate", "make_loader", "word_align",
+    "SplitRows", "iterate_batches", "select_rows", "concat_batches",
     "MissingProtocol", "TokenErasure", "ModalityDrop", "PatternAvailability", "parse_missing", "PATTERNS",
     "INCOMPLETE_PATTERNS", "generate_missing_matrix", "official_lnln_masks",
     "DATASETS", "DatasetSpec", "get_dataset_spec",

@@ -3,20 +3,26 @@
 Indexing with a list of rows (``dataset[[3, 7, 9]]``) builds a whole ``Batch`` by fancy indexing, which is what
 ``make_loader`` uses (no per-sample Python work on the hot path); ``dataset[i]`` returns one sample dict and
 ``collate(list_of_samples)`` stacks them into the same ``Batch``.
+
+``SplitRows`` / ``iterate_batches``: row access to, and in-order fixed-size iteration over, a (train) split given in
+any form a trainer has at hand (``MMSADataset``, split dict, DataLoader, whole-split ``Batch``, iterable of
+``Batch``): what models that re-encode the train split (HME's memory bank, DashFusion's partners) share.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import fields
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .batch import Batch
 from .mmsa import validate_split
 
-__all__ = ["MMSADataset", "collate", "make_loader"]
+__all__ = ["MMSADataset", "SplitRows", "collate", "concat_batches", "iterate_batches", "make_loader", "select_rows"]
 
 _TENSOR_KEYS = ("text_ids", "text_attention_mask", "text_segment_ids", "audio", "vision", "audio_lengths",
                 "vision_lengths", "labels", "index")
@@ -124,3 +130,129 @@ def make_loader(split_dict: Mapping[str, Any] | MMSADataset, batch_size: int, sh
         sampler = SequentialSampler(dataset)
     batches = BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
     return DataLoader(dataset, sampler=batches, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row access to a whole split (re-encoding the train split, partner lookup)
+# ---------------------------------------------------------------------------------------------------------------
+def select_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The sub-batch of ``rows`` (positions in ``batch``; any order, repeats allowed)."""
+    b = batch.batch_size
+    changes: dict[str, Any] = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b:
+            changes[f.name] = v[rows.to(v.device)]
+        elif isinstance(v, list) and len(v) == b:
+            changes[f.name] = [v[i] for i in rows.tolist()]
+        elif isinstance(v, dict):
+            changes[f.name] = {k: t[rows.to(t.device)] for k, t in v.items()}
+        elif isinstance(v, Batch):
+            changes[f.name] = select_rows(v, rows)
+    return batch.replace(**changes)
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Concatenate along the batch dim; text fields are right-padded with zeros to the widest batch."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one Batch")
+    first = batches[0]
+    changes: dict[str, Any] = {}
+    width = max(b.text_ids.shape[1] for b in batches)
+    for f in fields(first):
+        vals = [getattr(b, f.name) for b in batches]
+        v0 = vals[0]
+        if isinstance(v0, Tensor):
+            if f.name.startswith("text_"):
+                vals = [_pad_dim1(v, width) for v in vals]
+            changes[f.name] = torch.cat(vals, dim=0)
+        elif isinstance(v0, list):
+            changes[f.name] = [x for v in vals for x in v]
+        elif v0 is None:
+            if any(v is not None for v in vals):
+                raise ValueError(f"cannot concatenate batches where only some have {f.name!r}")
+        elif isinstance(v0, dict):
+            changes[f.name] = {k: torch.cat([v[k] for v in vals]) for k in v0}
+        elif isinstance(v0, Batch):
+            changes[f.name] = concat_batches(vals)
+    return first.replace(**changes)
+
+
+def _pad_dim1(x: Tensor, width: int) -> Tensor:
+    if x.shape[1] == width:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+    return F.pad(x, pad)
+
+
+class SplitRows:
+    """Row access to a split by row number (= ``Batch.index`` for ``MMSADataset`` splits).
+
+    ``data``: an ``MMSADataset`` or a split dict (wrapped in one), or a dataset / DataLoader over one whose
+    ``dataset[list_of_rows]`` returns a ``Batch`` (read lazily, nothing copied); a whole-split ``Batch`` (row =
+    position); otherwise any iterable of ``Batch`` covering the split, gathered once on the CPU with each sample
+    placed at row ``Batch.index`` (the indices must be a permutation of 0..N−1).
+    """
+
+    def __init__(self, data: Union[MMSADataset, Mapping[str, Any], Batch, Any]):
+        self._dataset: Any = None
+        self._split: Optional[Batch] = None
+        if isinstance(data, Batch):
+            self._split = data
+            return
+        if isinstance(data, Mapping):
+            data = MMSADataset(data)
+        ds = getattr(data, "dataset", data)
+        if isinstance(ds, MMSADataset) or _is_row_indexable(ds):
+            self._dataset = ds
+            return
+        if not hasattr(data, "__iter__"):
+            raise TypeError("data must be an MMSADataset, a split dict, a DataLoader, a Batch or an iterable of "
+                            f"Batch, got {type(data).__name__}")
+        batches = list(data)
+        if not batches or not all(isinstance(b, Batch) for b in batches):
+            raise TypeError("data must iterate to Batch objects (a non-empty iterable of Batch), got "
+                            f"{sorted({type(b).__name__ for b in batches}) or 'nothing'}")
+        split = concat_batches([b.to("cpu") for b in batches])
+        n = split.batch_size
+        if not torch.equal(split.index.sort().values, torch.arange(n)):
+            raise ValueError(f"the batches' index must be a permutation of 0..{n - 1} (each sample exactly once)")
+        order = torch.empty_like(split.index)
+        order[split.index] = torch.arange(n)
+        self._split = select_rows(split, order)
+
+    def __len__(self) -> int:
+        return self._split.batch_size if self._split is not None else len(self._dataset)
+
+    def rows(self, rows: Tensor) -> Batch:
+        """(n,) int64 rows → the ``Batch`` of those samples (in that order, on the CPU)."""
+        rows = torch.as_tensor(rows).cpu().long()
+        if self._split is not None:
+            return select_rows(self._split, rows)
+        return self._dataset[rows.tolist()]
+
+    def batches(self, batch_size: int = 128, device: Union[str, torch.device, None] = None) -> Iterator[Batch]:
+        """The split in row order, ``batch_size`` rows at a time (the last batch may be smaller), moved to
+        ``device`` when given."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n = len(self)
+        for start in range(0, n, batch_size):
+            b = self.rows(torch.arange(start, min(start + batch_size, n)))
+            yield b if device is None else b.to(device)
+
+
+def iterate_batches(data: Union[MMSADataset, Mapping[str, Any], Batch, Any], batch_size: int = 128,
+                    device: Union[str, torch.device, None] = None) -> Iterator[Batch]:
+    """A split (any form ``SplitRows`` accepts) in row order, ``batch_size`` rows at a time, on ``device``."""
+    return SplitRows(data).batches(batch_size, device)
+
+
+def _is_row_indexable(ds: Any) -> bool:
+    """Whether ``ds[[0]]`` returns a ``Batch`` (list indexing as ``MMSADataset``)."""
+    if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) or isinstance(ds, (list, tuple)):
+        return False
+    try:
+        return len(ds) > 0 and isinstance(ds[[0]], Batch)
+    except Exception:  # noqa: BLE001 - any failure means: not list-indexable, fall back to gathering
+        return False

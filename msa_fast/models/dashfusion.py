@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..data.dataset import SplitRows, concat_batches
 from ..nn.text_encoder import build_bert
 from ..ops import masked_mean
 from .base import MSAModel
 from .dashfusion_layers import FrameEncoder, HierarchicalBottleneckFusion, TemporalAlignment, TextProjector
-from .dashfusion_partners import (TrainSplit, concat_batches, draw_partners, partner_ntxent_loss, retrieval_labels,
-                                  retrieve_partner_pools)
+from .dashfusion_partners import draw_partners, partner_ntxent_loss, retrieval_labels, retrieve_partner_pools
 from .registry import register
 
 #: Output keys whose dim 1 is the text length (cropped back to the anchors' L after a joint anchor+partner pass).
@@ -129,7 +129,7 @@ class DashFusion(MSAModel):
             c["partner_seed"] = torch.initial_seed() % 2**63
         self.partner_generator = torch.Generator().manual_seed(int(c["partner_seed"]))
         self.partner_pools: Optional[dict[str, Tensor]] = None  # {"ss","dd","sd"}: (N, k) train rows
-        self._train_split: Optional[TrainSplit] = None
+        self._train_split: Optional[SplitRows] = None
 
     # ------------------------------------------------------------------------------------------------------------
     # forward
@@ -230,11 +230,11 @@ class DashFusion(MSAModel):
         train split (eval mode, no grad) into pooled (t̄, v̄, ā) and rebuild the partner pools; reseed the draw.
 
         ``train_data``: the train split as a ``Batch``, an ``MMSADataset`` or a DataLoader over one, or any iterable
-        of ``Batch`` covering it (see ``TrainSplit``).
+        of ``Batch`` covering it (see ``msa_fast.data.dataset.SplitRows``).
         """
         if self.config["contrastive_weight"] == 0:
             return
-        self._train_split = TrainSplit(train_data)
+        self._train_split = SplitRows(train_data)
         if epoch % 2 == 1 or self.partner_pools is None:
             feats, labels = self.encode_split(self._train_split)
             c = self.config
@@ -245,14 +245,14 @@ class DashFusion(MSAModel):
         self.partner_generator.manual_seed((int(self.config["partner_seed"]) * 100_003 + int(epoch)) % 2**63)
 
     @torch.no_grad()
-    def encode_split(self, split: TrainSplit, batch_size: int = 128) -> tuple[Tensor, Tensor]:
+    def encode_split(self, split: SplitRows, batch_size: int = 128) -> tuple[Tensor, Tensor]:
         """Pooled features (N, 3d) = cat(t̄, v̄, ā) (official order, eval mode, batches of 128) and labels (N,)."""
         was_training = self.training
         self.eval()
         feats, labels = [], []
         try:
-            for b in split.batches(batch_size):
-                enc = self.encode(b.to(self.device), align=False)
+            for b in split.batches(batch_size, self.device):
+                enc = self.encode(b, align=False)
                 feats.append(torch.cat([enc["text_encoder.mean"], enc["vision_encoder.mean"],
                                         enc["audio_encoder.mean"]], dim=-1).cpu())
                 labels.append(b.labels.cpu())

@@ -1,20 +1,17 @@
-"""DashFusion's semantic alignment: partner draw, the fixed-pattern NT-Xent loss and train-split helpers.
+"""DashFusion's semantic alignment: partner draw and the fixed-pattern NT-Xent loss.
 
 Per anchor the official loader returns 6 partners ordered [ss, ss, dd, dd, sd, sd] (ss: similar features and same
 label; dd: dissimilar, different label; sd: similar, different label = hard negatives), each pair drawn without
 replacement from a pool of 10. Here the draw uses a ``torch.Generator`` (reproducible from a seed) instead of
 Python's global ``random``; the pools come from ``msa_fast.retrieval.partners`` (see ``retrieve_partner_pools``).
+Train-split row access (partner lookup, re-encoding) is ``msa_fast.data.dataset.SplitRows``.
 """
 from __future__ import annotations
-
-from dataclasses import fields
-from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.batch import Batch
 from ..retrieval.partners import label_aware_partners
 
 PARTNER_KINDS = ("ss", "dd", "sd")  # draw order per anchor: 2 of each
@@ -95,99 +92,3 @@ def draw_partners(pools: dict[str, Tensor], anchors: Tensor, generator: torch.Ge
         chosen = pool.gather(1, order.gather(1, cols))
         picks.append(torch.where(n_valid > 0, chosen, anchors[:, None]))
     return torch.stack(picks, dim=1).reshape(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Train split access (for re-encoding and partner lookup)
-# ---------------------------------------------------------------------------------------------------------------
-def select_rows(batch: Batch, rows: Tensor) -> Batch:
-    """The sub-batch of ``rows`` (any order, repeats allowed)."""
-    b = batch.batch_size
-    changes: dict[str, Any] = {}
-    for f in fields(batch):
-        v = getattr(batch, f.name)
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b:
-            changes[f.name] = v[rows.to(v.device)]
-        elif isinstance(v, list) and len(v) == b:
-            changes[f.name] = [v[i] for i in rows.tolist()]
-        elif isinstance(v, dict):
-            changes[f.name] = {k: t[rows.to(t.device)] for k, t in v.items()}
-        elif isinstance(v, Batch):
-            changes[f.name] = select_rows(v, rows)
-    return batch.replace(**changes)
-
-
-def concat_batches(batches: list[Batch]) -> Batch:
-    """Concatenate along the batch dim; text fields are right-padded with zeros to the widest batch."""
-    first = batches[0]
-    changes: dict[str, Any] = {}
-    width = max(b.text_ids.shape[1] for b in batches)
-    for f in fields(first):
-        vals = [getattr(b, f.name) for b in batches]
-        v0 = vals[0]
-        if isinstance(v0, Tensor):
-            if f.name.startswith("text_"):
-                vals = [_pad_dim1(v, width) for v in vals]
-            changes[f.name] = torch.cat(vals, dim=0)
-        elif isinstance(v0, list):
-            changes[f.name] = [x for v in vals for x in v]
-        elif v0 is None:
-            if any(v is not None for v in vals):
-                raise ValueError(f"cannot concatenate batches where only some have {f.name!r}")
-        elif isinstance(v0, dict):
-            changes[f.name] = {k: torch.cat([v[k] for v in vals]) for k in v0}
-        elif isinstance(v0, Batch):
-            changes[f.name] = concat_batches(vals)
-    return first.replace(**changes)
-
-
-def _pad_dim1(x: Tensor, width: int) -> Tensor:
-    if x.shape[1] == width:
-        return x
-    pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
-    return F.pad(x, pad)
-
-
-class TrainSplit:
-    """Row access to the train split by index (``Batch.index``) from what a trainer has at hand.
-
-    ``train_data``: a whole-split ``Batch``; a dataset (or a DataLoader over one) whose ``dataset[list_of_rows]``
-    returns a ``Batch`` (``msa_fast.data.MMSADataset``); otherwise any iterable of ``Batch`` covering the split,
-    gathered once on the CPU (rows placed by ``Batch.index``).
-    """
-
-    def __init__(self, train_data: Any):
-        self._dataset: Any = None
-        self._split: Optional[Batch] = None
-        if isinstance(train_data, Batch):
-            self._split = train_data
-            return
-        ds = getattr(train_data, "dataset", train_data)
-        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and len(ds) > 0:
-            try:
-                probe = ds[[0]]
-            except Exception:  # noqa: BLE001 - any failure means: not list-indexable, fall back to gathering
-                probe = None
-            if isinstance(probe, Batch):
-                self._dataset = ds
-                return
-        split = concat_batches([b.to("cpu") for b in train_data])
-        order = torch.empty_like(split.index)
-        order[split.index] = torch.arange(split.batch_size)
-        self._split = select_rows(split, order)
-
-    def __len__(self) -> int:
-        return self._split.batch_size if self._split is not None else len(self._dataset)
-
-    def rows(self, rows: Tensor) -> Batch:
-        """(n,) int64 train rows → the ``Batch`` of those samples (in that order)."""
-        rows = rows.cpu().long()
-        if self._split is not None:
-            return select_rows(self._split, rows)
-        return self._dataset[rows.tolist()]
-
-    def batches(self, batch_size: int = 128) -> Iterable[Batch]:
-        """The split in order, ``batch_size`` rows at a time."""
-        n = len(self)
-        for s in range(0, n, batch_size):
-            yield self.rows(torch.arange(s, min(s + batch_size, n)))

@@ -32,9 +32,10 @@ official builder; ``per_modality_attn_dropout=True`` uses them.
 
 Pipeline / evaluation bugs fixed by default, official behaviour behind a flag (spec §9b):
 - ``eval_retrieval="bank"`` (default): at evaluation R_m is retrieved from a memory bank of the **training set**'s
-  H_m (same threshold rule, no self exclusion), so predictions do not depend on the composition of the evaluation
-  batch. The bank is (re)built lazily — at the first evaluation forward after training steps — by encoding the train
-  split that ``prepare_epoch`` recorded (eval mode, no grad, complete modalities), or explicitly with
+  H_m (``msa_fast.retrieval.MemoryBank``; same threshold rule over all rows, no self exclusion; ``hme_retrieval``), so
+  predictions do not depend on the composition of the evaluation batch. The bank is (re)built lazily — at the first
+  evaluation forward after training steps — by encoding the train split that ``prepare_epoch`` recorded (eval mode,
+  no grad; a modality the train data marks missing is never retrieved), or explicitly with
   ``build_memory_bank(train_data)``. ``eval_retrieval="in_batch"``: the official transductive retrieval over the
   evaluation batch. Training always retrieves in-batch (official).
 - ``vib_sample_at_eval=False`` (default): the VIB code is μ at evaluation; ``True``: μ + ε·σ as the official code.
@@ -66,7 +67,8 @@ from .base import MSAModel
 from .hme_layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
                          VIBEstimate)
 from ..retrieval.in_batch import in_batch_retrieve
-from .hme_retrieval import EmbeddingBank, iterate_batches
+from ..retrieval.memory_bank import MemoryBank
+from .hme_retrieval import bank_retrieve, build_hme_bank
 from .registry import register
 
 MODS = ("l", "a", "v")
@@ -153,7 +155,7 @@ class HME(MSAModel):
         self.fusion_all.add_module("fusion_layer_all_activation", nn.ReLU())
         self.fusion_all.add_module("fusion_layer_all_all", nn.Linear(2 * d, 1))
         self._init_like_official()
-        self.bank = EmbeddingBank(3, d)
+        self.bank: Optional[MemoryBank] = None  # not a module: never part of the (official) state_dict
         self._bank_source: Any = None
         self._bank_stale = True
 
@@ -194,10 +196,13 @@ class HME(MSAModel):
         use_bank = not self.training and self.config["eval_retrieval"] == "bank"
         if use_bank:
             self._refresh_bank()
+            if self.bank is None:
+                raise RuntimeError("HME memory bank is empty: train the model (prepare_epoch records the train "
+                                   "split), call model.build_memory_bank(train_data), or set eval_retrieval='in_batch'")
         avail = batch.availability_or_ones().to(h[0].device).bool()
         for i, m in enumerate(MODS):
             if use_bank:
-                r, info = self.bank.retrieve(i, h[i], self.config["similarity_threshold"])
+                r, info = bank_retrieve(self.bank, m, h[i], self.config["similarity_threshold"], details)
             else:
                 ok = avail[:, i] if self.config["retrieval_exclude_missing"] else None
                 r, info = in_batch_retrieve(h[i], ok, threshold=self.config["similarity_threshold"],
@@ -305,18 +310,18 @@ class HME(MSAModel):
 
     @torch.no_grad()
     def build_memory_bank(self, train_data: Any) -> None:
-        """Encode the train split (eval mode, complete modalities) into the bank: H_m per sample, by ``Batch.index``.
+        """Encode the train split (eval mode) into the bank (``msa_fast.retrieval.MemoryBank``): H_m per sample, by
+        ``Batch.index``, in batches of ``bank_batch_size``. A modality the train data marks missing
+        (``Batch.availability``) is stored as unavailable and never retrieved.
 
-        ``train_data``: a ``Batch``, an ``MMSADataset`` / split dict, or any iterable of ``Batch`` covering it.
+        ``train_data``: an ``MMSADataset`` / split dict, a DataLoader, a whole-split ``Batch``, or any iterable of
+        ``Batch`` covering it (``msa_fast.data.dataset.iterate_batches``).
         """
         was_training = self.training
         self.eval()
         try:
-            self.bank.reset()
-            for b in iterate_batches(train_data, self.config["bank_batch_size"]):
-                b = b.to(self.device).replace(availability=None)
-                enc = self.encode(b)
-                self.bank.update(b.index, torch.stack([enc[f"H_{m}"] for m in MODS], dim=1))
+            self.bank = build_hme_bank(self.encode, train_data, MODS, self.d, self.config["bank_batch_size"],
+                                       self.device)
         finally:
             self.train(was_training)
         self._bank_source = train_data

@@ -13,24 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.attention import merge_heads, split_heads
 from ..ops import attention
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """F.dropout that skips the RNG entirely when it is a no-op (p = 0 or eval)."""
     return F.dropout(x, p, True) if training and p > 0 else x
-
-
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, L, H·Dh) → (B, H, L, Dh)."""
-    b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, L, Dh) → (B, L, H·Dh)."""
-    b, h, n, dh = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * dh)
 
 
 # ------------------------------------------------------------------------------------------------------------------

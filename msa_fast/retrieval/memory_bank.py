@@ -4,9 +4,10 @@ Per modality the bank holds one pooled embedding per training sample (row = samp
 (a missing modality is never retrieved), written from training batches (overwrite, or EMA with ``momentum``) and
 indexed by an ``Index`` (exact flat or IVF). ``refresh()`` (once per epoch) re-indexes the stored vectors; a trained
 IVF keeps its coarse quantizer and only re-adds vectors. ``retrieve()`` returns the HME enhancement vector: the
-aggregate of the k nearest available training embeddings that pass the threshold (unweighted mean = HME; similarity-
-or softmax-weighted optional), with HME's fallback (mean of all available stored rows with non-zero entry sum) for
-queries without a qualifying neighbour.
+aggregate of the k nearest (``k=None``: all) available training embeddings that pass the threshold (unweighted mean =
+HME; similarity- or softmax-weighted optional), with HME's fallback (mean of all available stored rows with non-zero
+entry sum) for queries without a qualifying neighbour. HME's evaluation-time bank (``eval_retrieval="bank"``) is a
+``MemoryBank`` with ``k=None``.
 
 Evaluation queries the training bank only (no ``exclude_ids``), so a test prediction never depends on other test
 samples (the official in-batch retrieval is transductive at test time, method_hme.md §9b). During training pass the
@@ -102,16 +103,19 @@ class MemoryBank:
             self._dirty[m] = False
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def retrieve(self, modality: str, queries: Tensor, k: int, threshold: Optional[float] = None,
-                 weighting: str = "mean", exclude_ids: Optional[Tensor] = None,
-                 temperature: float = 0.1) -> tuple[Tensor, dict[str, Any]]:
+    def retrieve(self, modality: str, queries: Tensor, k: Optional[int], threshold: Optional[float] = None,
+                 weighting: str = "mean", exclude_ids: Optional[Tensor] = None, temperature: float = 0.1,
+                 fallback_mask: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Any]]:
         """queries (nq, d) → (R (nq, d) enhancement vectors, info).
 
         The k nearest available bank rows (minus ``exclude_ids``, one id per query, −1 = none) that pass
         ``threshold`` (similarity ≥ t for ip/cosine, squared distance ≤ t for l2; None = all k) are aggregated:
         "mean" (HME), "similarity" (weights ∝ max(score, 0); ip/cosine only) or "softmax" (softmax(score / τ); for l2
-        the score is −distance). Queries without a qualifying neighbour get the fallback mean.
-        info: ``ids``, ``scores`` (nq, k), ``valid`` (nq, k) bool, ``fallback`` (nq,) bool.
+        the score is −distance). ``k=None``: every available row is a candidate (HME's exact "all neighbours above
+        the threshold"; aggregated with one (nq, N) @ (N, d) GEMM). Queries without a qualifying neighbour, and those
+        flagged in ``fallback_mask`` (nq,) bool (e.g. HME's entry-sum == 0 test), get the fallback mean.
+        info: ``ids``, ``scores`` (nq, k), ``valid`` (nq, k) bool, ``fallback`` (nq,) bool (k = #available rows
+        when ``k=None``).
         """
         self._check_modality(modality)
         if weighting not in WEIGHTINGS:
@@ -123,19 +127,32 @@ class MemoryBank:
             exclude_ids = torch.as_tensor(exclude_ids).to(torch.long)
             if tuple(exclude_ids.shape) != (queries.shape[0],) or bool((exclude_ids >= self.num_samples).any()):
                 raise ValueError(f"exclude_ids must be ({queries.shape[0]},) ids < {self.num_samples} (−1 = none)")
+        if fallback_mask is not None and (tuple(fallback_mask.shape) != (queries.shape[0],)
+                                          or fallback_mask.dtype != torch.bool):
+            raise ValueError(f"fallback_mask must be a bool tensor of shape ({queries.shape[0]},), got "
+                             f"{fallback_mask.dtype} {tuple(fallback_mask.shape)}")
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be a positive int or None (all available rows), got {k!r}")
         if modality not in self.indexes or (self._dirty[modality] and self.auto_refresh):
             self.refresh(modality)
-        scores, ids = self.indexes[modality].search(queries, k, exclude_ids=exclude_ids)
+        index = self.indexes[modality]
+        scores, ids = index.search(queries, len(index) if k is None else k, exclude_ids=exclude_ids)
         ids = ids.to(self.device)
         scores = scores.to(self.device)
         valid = (ids >= 0) & self.available[modality][ids.clamp_min(0)]
         if threshold is not None:
             valid &= (scores <= threshold) if self.metric == "l2" else (scores >= threshold)
         w = self._weights(scores, valid, weighting, temperature)
-        vecs = self.storage[modality][ids.clamp_min(0)]  # (nq, k, d)
         total = w.sum(dim=1, keepdim=True)
-        r = (w[..., None] * vecs).sum(dim=1) / total.clamp_min(1e-12)
+        if k is None:  # k ~ N: a dense (nq, N) weight matrix and one GEMM instead of gathering (nq, N, d) vectors
+            dense = w.new_zeros(w.shape[0], self.num_samples).scatter_add_(1, ids.clamp_min(0), w)
+            r = (dense @ self.storage[modality]) / total.clamp_min(1e-12)
+        else:
+            vecs = self.storage[modality][ids.clamp_min(0)]  # (nq, k, d)
+            r = (w[..., None] * vecs).sum(dim=1) / total.clamp_min(1e-12)
         fallback = ~valid.any(dim=1)
+        if fallback_mask is not None:
+            fallback |= fallback_mask.to(self.device)
         r = torch.where(fallback[:, None], self._fallback_mean[modality][None, :], r)
         r = r.to(device=queries.device, dtype=queries.dtype)
         return r, {"ids": ids, "scores": scores, "valid": valid, "fallback": fallback}
