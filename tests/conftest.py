@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from msa_fast.testing import assert_close_to_reference
+
 _HAS_CUDA = torch.cuda.is_available()
 
 SEED = 1234
@@ -32,29 +34,12 @@ def triton_device() -> str:
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 
 
-ATOL_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def assert_error_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor,
-                      atol: float | None = None) -> None:
-    """Kernel error vs the fp64 reference <= 2x the same-dtype torch reference's error + ``atol`` (FlagAttention /
-    flash-attention rule; atol defaults to a small per-dtype floor); NaN anywhere fails.
-    (Local helper, used through the ``error_rule`` fixture: msa_fast.testing has no shared one yet.)"""
-    atol = ATOL_FLOOR[got.dtype] if atol is None else atol
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    if got.numel() == 0:
-        return
-    got = got.double()
-    assert not torch.isnan(got).any(), f"{name}: NaN in kernel output"
-    err = (got - ref64).abs().max().item()
-    err_torch = (ref_same_dtype.double() - ref64).abs().max().item()
-    bound = 2 * err_torch + atol
-    assert err <= bound, f"{name}: kernel error {err:.3e} > 2 x torch error {err_torch:.3e} + {atol:g}"
-
-
 @pytest.fixture
 def error_rule():
-    return assert_error_rule
+    """``error_rule(name, got, ref64, ref_same_dtype)``: the shared 2x-same-dtype-error rule."""
+    def rule(name, got, ref64, ref_same_dtype, atol=None):
+        assert_close_to_reference(got, ref64, ref_same_dtype, name=name, atol=atol)
+    return rule
 
 
 @pytest.fixture

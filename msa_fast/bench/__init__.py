@@ -1,7 +1,7 @@
 """``msa-fast bench {ops,retrieval,models}``: micro-benchmarks with ratios against the PyTorch reference.
 
 Each suite lives in its own module (``ops.py``, ``retrieval.py``, ``models.py``) exposing
-``add_arguments(parser)`` and ``run(args) -> list[dict]`` (rows printed as a table); the same setup factories
+``add_arguments(parser)`` and ``main(args) -> int`` (rows printed as a table); the same setup factories
 are reused by the pytest-benchmark suites in ``benchmarks/``.
 """
 from __future__ import annotations

@@ -46,6 +46,22 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} has no official state_dict mapping")
 
+    def load_state_dict_checked(self, state_dict: Mapping[str, Tensor], what: str) -> None:
+        """``load_state_dict(strict=True)`` that first reports every missing key, unexpected key and shape mismatch
+        in one ValueError (``what`` names the source, e.g. "official LNLN state_dict")."""
+        sd = dict(state_dict)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        shapes = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+                        for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+        if missing or unexpected or shapes:
+            parts = [f"{label} ({len(items)}): {items[:20]}{' …' if len(items) > 20 else ''}"
+                     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                          ("shape mismatches", shapes)) if items]
+            raise ValueError(f"{what} does not fit this configuration; " + "; ".join(parts))
+        self.load_state_dict(sd, strict=True)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -18,18 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import attention, bottleneck_exchange, masked_mean, multi_source_attention
-
-
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, L, H·D) → (B, H, L, D)."""
-    b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, L, D) → (B, L, H·D)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+from ..nn.attention import merge_heads, split_heads
 
 
 def dropout_or_identity(p: float) -> nn.Module:

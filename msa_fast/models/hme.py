@@ -355,15 +355,5 @@ class HME(MSAModel):
         sd = dict(state_dict)
         if self.bert is None:
             sd = {k: v for k, v in sd.items() if not k.startswith("bert.")}
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        shapes = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
-                        for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-        if missing or unexpected or shapes:
-            parts = [f"{label} ({len(items)}): {items[:20]}{' …' if len(items) > 20 else ''}"
-                     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                          ("shape mismatches", shapes)) if items]
-            raise ValueError("official HME state_dict does not fit this configuration; " + "; ".join(parts))
-        self.load_state_dict(sd, strict=True)
+        self.load_state_dict_checked(sd, "official HME state_dict")
         self._bank_stale = True
