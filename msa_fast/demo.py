@@ -1,4 +1,4 @@
-"""``msa-fast demo``: a one-minute tour — synthesise data, inspect it, score trivial baselines with MMSA metrics.
+"""``msa-fast demo``: a short tour — synthesise data, inspect it, score baselines, benchmark the fused ops, train a model.
 
 The demo is a list of sections (``SECTIONS``); each is a ``Section(title, run, requires)`` whose ``run(ctx)`` prints
 its part and may store results in the shared ``ctx`` dict (``ctx["args"]``, ``ctx["data"]``, ...). A section whose
@@ -143,10 +143,29 @@ def _pick(metrics: dict, key: str) -> dict:
     return {"MAE": metrics["MAE"], "Corr": metrics["Corr"], key: metrics[key]}
 
 
+def section_kernel_bench(ctx: dict) -> None:
+    from msa_fast.bench import format_table
+    from msa_fast.bench.ops import run
+
+    args = ctx["args"]
+    rows = run(quick=not args.full)
+    shapes = "MOSI" if args.full else "tiny (use `msa-fast bench ops --full` for MOSI shapes)"
+    print(f"fused ops, CPU, {torch.get_num_threads()} threads, {shapes}; times in ms, ratios vs the eager composition")
+    print(format_table(rows))
+
+
+def section_training(ctx: dict) -> None:
+    from msa_fast.train import short_training_run
+
+    short_training_run(quick=not ctx["args"].full, seed=1111 + ctx["args"].seed)
+
+
 SECTIONS: list[Section] = [
     Section("synthesise a dataset", section_synthesise),
     Section("inspect it", section_inspect),
     Section("trivial baselines (MMSA metrics, test split)", section_baselines, requires=("msa_fast.metrics",)),
+    Section("kernel benchmark table", section_kernel_bench, requires=("msa_fast.bench.ops",)),
+    Section("short training run", section_training, requires=("msa_fast.train",)),
 ]
 
 

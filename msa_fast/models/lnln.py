@@ -135,8 +135,10 @@ class LNLN(MSAModel):
             "completeness_target": "drawn",
             "share_complete_pass": "auto",
             # official optimisation recipe (read by the trainer): AdamW over all parameters incl. BERT,
-            # linear warm-up over 10 % of the epochs then cosine, stepped per epoch
+            # linear warm-up over 10 % of the epochs then cosine (official: stepped per epoch; the trainer steps per
+            # batch, the same curve at finer granularity)
             "learning_rate": 1e-4, "weight_decay": 1e-4, "batch_size": 64, "epochs": 200, "warmup_ratio": 0.1,
+            "lr_schedule": "cosine",
             "seeds": [1111, 1112, 1113], "eval_missing_rate": 0.5,
         },
         "mosi": {"fusion_depth": 2},

@@ -1,0 +1,275 @@
+"""Model benchmark: forward and training-step time and peak memory per model on dataset-shaped inputs.
+
+``msa-fast bench models [--models dashfusion lnln hme] [--batch-size 16] [--full-bert] [--variants bert features]
+[--backends auto torch] [--modes forward train] [--repeats 3] [--device cpu|cuda] [--in-process] [--json FILE]``
+
+Cases = model × variant × backend × mode, each from the per-model factory
+``msa_fast.bench.models_<name>.setup(batch_size, dataset, full_bert=False) -> (model, batch)``:
+
+- variants: ``bert`` = the factory's model with a randomly initialised BERT (1-layer ``TINY_BERT_CONFIG`` by default;
+  ``--full-bert`` = a BERT-base-sized random ``BertConfig``, 12 layers, no download); ``features`` = the same config
+  with ``use_text_features=True`` and random precomputed (B, L_t, 768) text features, i.e. BERT removed (models
+  without that option get no row).
+- backends: ``auto`` (what users get) and ``torch`` (the PyTorch reference backend, via
+  ``msa_fast.ops.use_backend("torch")`` when ops provides it, else the environment variable
+  ``MSA_FAST_BACKEND=torch``); ``speedup`` = torch time / auto time of the same case.
+- modes: ``forward`` = ``model.eval()`` + ``torch.no_grad()``; ``train`` = ``model.train()``, ``training_step``
+  (the full objective, e.g. DashFusion's 7B-sample partner pass after ``prepare_epoch(1, batch)``), backward and an
+  AdamW step.
+
+Timing: ``--warmup`` untimed calls, then the median (and min) of ``--repeats`` wall-clock calls (CUDA synchronised).
+Memory, measured honestly per case: every case runs in a **fresh subprocess** (no allocator state or cached
+buffers shared between cases). ``peak_rss_mb`` = the process's ``ru_maxrss`` after the timed calls (whole process:
+Python, torch, the model, the batch); ``delta_mb`` = ``peak_rss_mb`` − RSS right after setup, the extra memory the
+calls needed (a lower bound when setup itself peaked higher). On CUDA ``cuda_peak_mb`` =
+``torch.cuda.max_memory_allocated`` during the calls. ``--in-process`` skips the subprocesses (faster, no memory
+columns).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+MODELS = ("dashfusion", "lnln", "hme")
+VARIANTS = ("bert", "features")
+BACKENDS = ("auto", "torch")
+MODES = ("forward", "train")
+
+#: BERT-base shape with random weights (bert-base-uncased; no download).
+BERT_BASE_OVERRIDES = dict(vocab_size=30522, num_hidden_layers=12)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"models ({' '.join(MODELS)})")
+    p.add_argument("--dataset", default="mosi", choices=("mosi", "mosei", "sims"), help="input shapes (mosi)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
+    p.add_argument("--full-bert", action="store_true", help="BERT-base-sized random BERT instead of the tiny one")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="bert / features")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS, help="auto / torch")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="forward / train")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per case (3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (1)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each case")
+    p.add_argument("--in-process", action="store_true", help="no subprocess per case (no memory columns)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def available_models(names) -> dict[str, Any]:
+    """{name: factory module} for the models whose ``msa_fast.bench.models_<name>`` exists."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.import_module(f"msa_fast.bench.models_{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"msa_fast.bench.models_{name}":
+                raise
+    return found
+
+
+# ---- one case ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def backend_context(backend: str):
+    """``msa_fast.ops.use_backend(backend)`` if ops provides it, else ``MSA_FAST_BACKEND`` for the duration."""
+    if backend == "auto":
+        yield
+        return
+    import msa_fast.ops as ops
+
+    if hasattr(ops, "use_backend"):
+        with ops.use_backend(backend):
+            yield
+        return
+    old = os.environ.get("MSA_FAST_BACKEND")
+    os.environ["MSA_FAST_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MSA_FAST_BACKEND", None)
+        else:
+            os.environ["MSA_FAST_BACKEND"] = old
+
+
+def build_case(model_name: str, variant: str, batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False,
+               device: str = "cpu"):
+    """(model, batch) of one benchmark case, or None when the model has no ``use_text_features`` option."""
+    import torch
+
+    from ..models.registry import get_model_class
+    from ..nn.text_encoder import TINY_BERT_CONFIG
+
+    factory = importlib.import_module(f"msa_fast.bench.models_{model_name}")
+    model, batch = factory.setup(batch_size=batch_size, dataset=dataset, full_bert=False)
+    config = dict(model.config)
+    rebuild = False
+    if full_bert and variant == "bert":
+        config["bert"] = dict(TINY_BERT_CONFIG, **BERT_BASE_OVERRIDES)
+        rebuild = True
+    if variant == "features":
+        if "use_text_features" not in config:
+            return None
+        config["use_text_features"] = True
+        rebuild = True
+        gen = torch.Generator().manual_seed(0)
+        feats = torch.randn(batch.batch_size, batch.text_ids.shape[1], config.get("text_dim", 768), generator=gen)
+        complete = batch.complete.replace(text_features=feats) if batch.complete is not None else None
+        batch = batch.replace(text_features=feats, complete=complete)
+    if rebuild:
+        torch.manual_seed(0)
+        model = get_model_class(model_name)(config)
+    return model.to(device), batch.to(device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median / min milliseconds of ``repeats`` calls of ``mode`` after ``warmup`` calls."""
+    import torch
+
+    cuda = batch.labels.is_cuda
+    if mode == "forward":
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model(batch)
+    elif mode == "train":
+        model.train()
+        model.prepare_epoch(1, batch)  # the batch is the whole "train split" (DashFusion's partner pools)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def call():
+            opt.zero_grad(set_to_none=True)
+            model.training_step(batch)["loss"].backward()
+            opt.step()
+    else:
+        raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
+    for _ in range(warmup):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    out = {"ms": statistics.median(times), "min_ms": min(times)}
+    if cuda:
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_case(case: dict) -> Optional[dict]:
+    """Build, time and measure one case in this process (the subprocess entry point)."""
+    import gc
+
+    import torch
+
+    if case.get("threads"):
+        torch.set_num_threads(int(case["threads"]))
+    with backend_context(case["backend"]):
+        built = build_case(case["model"], case["variant"], case["batch_size"], case["dataset"], case["full_bert"],
+                           case["device"])
+        if built is None:
+            return None
+        model, batch = built
+        gc.collect()
+        before = _rss_mb()
+        result = time_case(model, batch, case["mode"], case["repeats"], case["warmup"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result.update(peak_rss_mb=peak, delta_mb=max(0.0, peak - before))
+    return result
+
+
+def _case_main(text: str) -> None:
+    print("BENCH_RESULT " + json.dumps(run_case(json.loads(text))))
+
+
+def _run_subprocess(case: dict) -> Optional[dict]:
+    env = dict(os.environ)
+    env.pop("MSA_FAST_BACKEND", None)  # "auto" must not inherit a user's override
+    if case["backend"] != "auto":
+        env["MSA_FAST_BACKEND"] = case["backend"]
+    code = "import sys; from msa_fast.bench.models import _case_main; _case_main(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0][:200]}
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+# ---- suite -------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> list[dict]:
+    """Rows ``{model, variant, backend, mode, batch, ms, min_ms, speedup, peak_rss_mb, delta_mb[, cuda_peak_mb]}``."""
+    factories = available_models(args.models)
+    missing = [m for m in args.models if m not in factories]
+    if missing:
+        print(f"(no benchmark factory msa_fast/bench/models_<name>.py for: {', '.join(missing)})", file=sys.stderr)
+    rows = []
+    for model in factories:
+        for variant in args.variants:
+            for mode in args.modes:
+                results = {}
+                for backend in args.backends:
+                    case = {"model": model, "variant": variant, "backend": backend, "mode": mode,
+                            "batch_size": args.batch_size, "dataset": args.dataset, "full_bert": args.full_bert,
+                            "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
+                            "threads": args.threads}
+                    if args.in_process:
+                        try:
+                            res = run_case(case)
+                        except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
+                            res = {"error": f"{type(err).__name__}: {err}"[:200]}
+                        if res:
+                            res.pop("peak_rss_mb", None), res.pop("delta_mb", None)
+                    else:
+                        res = _run_subprocess(case)
+                    if res is None:  # variant not supported by this model
+                        continue
+                    results[backend] = res
+                    bert = ("bert-base" if args.full_bert else "tiny-bert") if variant == "bert" else "features"
+                    rows.append({"model": model, "variant": bert, "backend": backend, "mode": mode,
+                                 "batch": args.batch_size, **{k: res.get(k) for k in
+                                                              ("ms", "min_ms", "peak_rss_mb", "delta_mb")},
+                                 **({"cuda_peak_mb": res["cuda_peak_mb"]} if "cuda_peak_mb" in res else {}),
+                                 "error": res.get("error", "")})
+                if "auto" in results and "torch" in results and results["auto"].get("ms") and \
+                        results["torch"].get("ms"):
+                    speed = results["torch"]["ms"] / results["auto"]["ms"]
+                    for row in rows[-len(results):]:
+                        row["speedup"] = speed if row["backend"] == "auto" else 1.0
+    keys = ["model", "variant", "backend", "mode", "batch", "ms", "min_ms", "speedup", "peak_rss_mb", "delta_mb",
+            "cuda_peak_mb", "error"]
+    present = [k for k in keys if any(k in r and r[k] not in (None, "") for r in rows) or k in keys[:6]]
+    return [{k: r.get(k) for k in present} for r in rows]
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import format_table
+
+    rows = run(args)
+    print(format_table(rows))
+    print(f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto; "
+          "memory = per-case subprocess ru_maxrss)" if not args.in_process else
+          f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
