@@ -5,6 +5,7 @@ import torch
 
 from msa_fast.data import (Batch, MMSADataset, SplitRows, collate, concat_batches, iterate_batches, load_mmsa,
                             make_loader, select_rows, synthetic, word_align)
+from parity_fixtures import parity_path
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_word_align_torch_noncontiguous_float64():
 
 
 def test_word_align_matches_hme_fixture():
-    path = "/work/shared/parity/hme_mosi.pt"
+    path = str(parity_path("hme_mosi.pt"))
     import os
 
     if not os.path.exists(path):

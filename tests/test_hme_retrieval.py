@@ -11,8 +11,9 @@ if not torch.cuda.is_available():  # must precede any import of the kernel modul
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from msa_fast.retrieval import in_batch_retrieve, official_loop_retrieve  # noqa: E402
+from parity_fixtures import parity_path
 
-FIXTURE = "/work/shared/parity/hme_mosi.pt"
+FIXTURE = str(parity_path("hme_mosi.pt"))
 BACKENDS = ["torch", "triton"]
 
 

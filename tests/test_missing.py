@@ -12,9 +12,10 @@ from msa_fast.data.missing import (
     hash_uniform, official_lnln_generate_m, official_lnln_masks, official_lnln_train_rates, parse_missing,
 )
 from msa_fast.ops.masked_mean import masked_mean
+from parity_fixtures import parity_path
 
-LNLN_FIXTURE = "/work/shared/parity/lnln_mosi.pt"
-HME_FIXTURE = "/work/shared/parity/hme_mosi.pt"
+LNLN_FIXTURE = str(parity_path("lnln_mosi.pt"))
+HME_FIXTURE = str(parity_path("hme_mosi.pt"))
 
 
 def make_batch(n=3000, lt=20, la=30, lv=25, seed=0) -> Batch:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ from msa_fast.models.dashfusion_partners import draw_partners, official_pair_ind
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.partners import official_partner_loop
 
-REPO = Path(__file__).resolve().parents[1]
+from parity_fixtures import parity_path
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
 
 
 def _parity_path() -> Path:
-    root = Path(os.environ.get("MSA_FAST_PARITY_DIR", REPO.parent / "shared" / "parity"))
-    return root / "dashfusion_mosi.pt"
+    return parity_path("dashfusion_mosi.pt")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,13 @@ from msa_fast.models.hme_layers import CrossAttention, MulTEncoder
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.in_batch import official_loop_retrieve
 
-REPO = Path(__file__).resolve().parents[1]
+from parity_fixtures import parity_path
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "hme_mosi.json"
 MODS = ("l", "a", "v")
 
 
 def _parity_path() -> Path:
-    root = Path(os.environ.get("MSA_FAST_PARITY_DIR", REPO.parent / "shared" / "parity"))
-    return root / "hme_mosi.pt"
+    return parity_path("hme_mosi.pt")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 import pytest
 import torch
@@ -14,14 +13,13 @@ from msa_fast.models import build
 from msa_fast.models.lnln_layers import (HyperModalityLayer, PreNormHyper, TokenTransformer, grad_reverse)
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 
-REPO = Path(__file__).resolve().parents[1]
+from parity_fixtures import parity_path
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "lnln_mosi.json"
 UNK = 100
 
 
 def _parity_path() -> Path:
-    root = Path(os.environ.get("MSA_FAST_PARITY_DIR", REPO.parent / "shared" / "parity"))
-    return root / "lnln_mosi.pt"
+    return parity_path("lnln_mosi.pt")
 
 
 @pytest.fixture(scope="module")
