@@ -5,8 +5,8 @@ One source of the segmented-attention core (``multi_source_attention`` with S = 
 CPU routing under ``backend="auto"`` (no ``use_backend`` / ``MSA_FAST_BACKEND`` override): inference calls (no
 gradient needed) on fp32/fp64 CPU tensors with head dim <= 16 go to ``torch.nn.functional.scaled_dot_product_attention``
 (boolean key mask, query padding applied afterwards) instead of the C++ kernel, because ``msa-fast bench ops --full``
-measured SDPA's forward faster there; training calls and D > 16 use the C++ kernel, which measured faster for
-forward+backward (rule and numbers: ``msa_fast.ops.multi_source_attention.SDPA_MAX_HEAD_DIM``). torch >= 2.5 returns
+measured SDPA's forward faster there, and so do unmasked training calls with D <= 16; masked training calls and
+D > 16 use the C++ kernel, which measured faster for forward+backward (rule and numbers: ``msa_fast.ops.multi_source_attention.SDPA_MAX_HEAD_DIM``). torch >= 2.5 returns
 zeros and finite gradients for fully masked rows in SDPA (tested). ``backend="cpp"`` always uses the C++ kernel.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     name = _dispatch.resolve(backend, q.device)
     if dropout_p > 0.0:  # fused backends have no dropout: the reference (autograd through it) applies it
         return attention_ref(q, k, v, key_padding_mask, query_padding_mask, scale, float(dropout_p))
-    if sdpa_route_applies(backend, name, q, [q, k, v]):
+    unmasked = key_padding_mask is None and query_padding_mask is None
+    if sdpa_route_applies(backend, name, q, [q, k, v], unmasked_single_source=unmasked):
         return run_sdpa(q, [(k, v, key_padding_mask)], scale, query_padding_mask)
     return run_segmented(q, [(k, v, key_padding_mask)], scale, query_padding_mask, name)
