@@ -10,3 +10,14 @@ def parity_path(name: str) -> Path:
     """Path of fixture ``name`` (e.g. "hme_mosi.pt"); may not exist."""
     return PARITY_DIR / name
 
+
+
+def load_parity(name: str) -> dict:
+    """The fixture as saved by the official-code run (``weights_only`` load); skips the calling test if absent."""
+    import pytest
+    import torch
+
+    path = parity_path(name)
+    if not path.exists():
+        pytest.skip(f"parity fixture {path} not found (set MSA_FAST_PARITY_DIR)")
+    return torch.load(path, weights_only=True)

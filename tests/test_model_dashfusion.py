@@ -14,20 +14,13 @@ from msa_fast.models.dashfusion_partners import draw_partners, official_pair_ind
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.partners import official_partner_loop
 
-from parity_fixtures import parity_path
+from parity_fixtures import load_parity
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
-
-
-def _parity_path() -> Path:
-    return parity_path("dashfusion_mosi.pt")
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    path = _parity_path()
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (set MSA_FAST_PARITY_DIR)")
-    return torch.load(path, weights_only=True)
+    return load_parity("dashfusion_mosi.pt")
 
 
 def _fixture_batch(fx) -> Batch:

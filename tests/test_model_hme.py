@@ -19,21 +19,14 @@ from msa_fast.models.hme_layers import CrossAttention, MulTEncoder
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.in_batch import official_loop_retrieve
 
-from parity_fixtures import parity_path
+from parity_fixtures import load_parity
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "hme_mosi.json"
 MODS = ("l", "a", "v")
 
 
-def _parity_path() -> Path:
-    return parity_path("hme_mosi.pt")
-
-
 @pytest.fixture(scope="module")
 def fixture():
-    path = _parity_path()
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (set MSA_FAST_PARITY_DIR)")
-    return torch.load(path, weights_only=True)
+    return load_parity("hme_mosi.pt")
 
 
 def _rel(a: torch.Tensor, e: torch.Tensor) -> float:

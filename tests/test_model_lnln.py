@@ -13,21 +13,14 @@ from msa_fast.models import build
 from msa_fast.models.lnln_layers import (HyperModalityLayer, PreNormHyper, TokenTransformer, grad_reverse)
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 
-from parity_fixtures import parity_path
+from parity_fixtures import load_parity
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "lnln_mosi.json"
 UNK = 100
 
 
-def _parity_path() -> Path:
-    return parity_path("lnln_mosi.pt")
-
-
 @pytest.fixture(scope="module")
 def fixture():
-    path = _parity_path()
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (set MSA_FAST_PARITY_DIR)")
-    return torch.load(path, weights_only=True)
+    return load_parity("lnln_mosi.pt")
 
 
 def _rel(a: torch.Tensor, e: torch.Tensor) -> float:
