@@ -21,6 +21,8 @@ string. The ``official_*`` functions reproduce the official NumPy algorithms (gl
 """
 from __future__ import annotations
 
+import abc
+
 import random
 import zlib
 from dataclasses import dataclass
@@ -102,13 +104,14 @@ def hash_uniform(seed: int, split: str, epoch: int, index: Tensor, *keys, positi
 
 
 # ---- protocol base ----------------------------------------------------------------------------------------
-class MissingProtocol:
+class MissingProtocol(abc.ABC):
     """Base class: ``__call__(batch, epoch=0, split="train") -> Batch`` (new batch, ``complete`` = original)."""
 
     name = "none"
 
-    def __call__(self, batch: Batch, epoch: int = 0, split: str = "train") -> Batch:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, batch: Batch, epoch: int = 0, split: str = "train") -> Batch:
+        """The batch with this protocol's masks applied."""
 
     def describe(self) -> str:
         """Protocol name and parameters, to be carried by every reported number."""
