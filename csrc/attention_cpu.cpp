@@ -10,11 +10,14 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "counter_rng.h"
 
 namespace {
 
@@ -51,6 +54,31 @@ inline float vexp(float x) {
   return x < -87.3f ? 0.0f : p * scale;
 }
 inline double vexp(double x) { return std::exp(x); }  // fp64 is for gradcheck: exactness over speed
+
+// Attention dropout on the probabilities (counter RNG, csrc/counter_rng.h): element (row r, key j) of a call has
+// counter r * Lk + j with r = bh * Lq + query row, so forward and backward (and every thread / tile split) draw the
+// same keep-bit without storing a mask. `base` = counter of the row's first lane; `stride` = Lk (counters per row).
+struct Dropout {
+  msa_fast::RngKey key;
+  uint32_t threshold;
+  double inv_keep;  // 1 / (1 - p)
+  uint64_t stride;
+  Dropout(uint64_t seed, double p, uint64_t lk)
+      : key(seed), threshold(msa_fast::keep_threshold(p)), inv_keep(1.0 / (1.0 - p)), stride(lk) {}
+};
+
+// z[j] = keep(base + j) / (1 - p) for the BN lanes of one tile row.
+template <typename T>
+inline void dropout_scales(const Dropout& d, uint64_t base, T* __restrict z) {
+  const T inv = T(d.inv_keep);
+  const uint32_t thr = d.threshold;
+  if ((base >> 32) == ((base + BN - 1) >> 32)) {  // common case: one high word for the whole row (vectorises)
+    const uint32_t hw = d.key.hi_word(uint32_t(base >> 32)), lo = uint32_t(base);
+    for (int j = 0; j < BN; ++j) z[j] = d.key.bits(lo + uint32_t(j), hw) >= thr ? inv : T(0);
+  } else {
+    for (int j = 0; j < BN; ++j) z[j] = d.key.bits64(base + uint64_t(j)) >= thr ? inv : T(0);
+  }
+}
 
 // dst (D x BN) = src rows [0, nb) transposed, zero padded to BN columns.
 template <typename T>
@@ -196,7 +224,7 @@ inline void tile_scores(const T* q, int nr, const T* kt, int Drt, T scale, const
 // Writes normalised output o (nr x D), lse (nr) (+inf when no valid key). qvalid (nr) may be null.
 template <typename T, int DC>
 void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, const bool* kvalid, int nk, int Drt,
-              T scale, T* o, T* lse, Scratch<T>& sc) {
+              T scale, T* o, T* lse, Scratch<T>& sc, const Dropout* drop, uint64_t row_base) {
   const int D = DC > 0 ? DC : Drt;
   T m[BM], l[BM], bias[BN];
   for (int i = 0; i < nr; ++i) {
@@ -226,8 +254,13 @@ void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, co
         srow[j] = p;
         psum += p;
       }
-      l[i] = l[i] * alpha + psum;
+      l[i] = l[i] * alpha + psum;  // the softmax normaliser counts every key; dropout only thins P V
       m[i] = mnew;
+      if (drop != nullptr) {
+        T z[BN];
+        dropout_scales(*drop, row_base + uint64_t(i) * drop->stride + uint64_t(j0), z);
+        for (int j = 0; j < BN; ++j) srow[j] *= z[j];
+      }
       if (alpha != T(1)) {
         T* __restrict oi = o + size_t(i) * D;
         for (int d = 0; d < D; ++d) oi[d] *= alpha;
@@ -253,7 +286,8 @@ void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, co
 // key row (dk, dv: loop j outer) and per query row (dq: loop i outer).
 template <typename T, int DC>
 void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, int nk, int Drt, T scale,
-              const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, Scratch<T>& sc) {
+              const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, Scratch<T>& sc, const Dropout* drop,
+              uint64_t row_base) {
   const int D = DC > 0 ? DC : Drt;
   T bias[BN];
   bool any_row = false;
@@ -278,6 +312,16 @@ void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, in
         continue;
       }
       const T di = delta[i];
+      if (drop != nullptr) {  // with Z = keep / (1 - p): dV uses P∘Z, dS = P∘(dP∘Z − delta)·scale
+        T z[BN];
+        dropout_scales(*drop, row_base + uint64_t(i) * drop->stride + uint64_t(j0), z);
+        for (int j = 0; j < BN; ++j) {
+          const T pj = vexp(p[j] - li);
+          p[j] = pj * z[j];
+          ds[j] = pj * (ds[j] * z[j] - di) * scale;
+        }
+        continue;
+      }
       for (int j = 0; j < BN; ++j) {
         const T pj = vexp(p[j] - li);
         p[j] = pj;
@@ -296,32 +340,34 @@ void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, in
 // Head-dim dispatch: the MSA head dims get compile-time specialisations (float only; fp64 is for gradcheck).
 template <typename T>
 void attend_rows_fwd(const T* q, int nr, const bool* qvalid, const T* k, const T* v, const bool* kvalid, int nk,
-                     int D, T scale, T* o, T* lse, Scratch<T>& sc) {
+                     int D, T scale, T* o, T* lse, Scratch<T>& sc, const Dropout* drop = nullptr,
+                     uint64_t row_base = 0) {
   if constexpr (std::is_same_v<T, float>) {
     switch (D) {
-      case 12: return fwd_impl<T, 12>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc);
-      case 16: return fwd_impl<T, 16>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc);
-      case 32: return fwd_impl<T, 32>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc);
-      case 64: return fwd_impl<T, 64>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc);
+      case 12: return fwd_impl<T, 12>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc, drop, row_base);
+      case 16: return fwd_impl<T, 16>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc, drop, row_base);
+      case 32: return fwd_impl<T, 32>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc, drop, row_base);
+      case 64: return fwd_impl<T, 64>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc, drop, row_base);
       default: break;
     }
   }
-  fwd_impl<T, 0>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc);
+  fwd_impl<T, 0>(q, nr, qvalid, k, v, kvalid, nk, D, scale, o, lse, sc, drop, row_base);
 }
 
 template <typename T>
 void attend_rows_bwd(const T* q, int nr, const T* k, const T* v, const bool* kvalid, int nk, int D, T scale,
-                     const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, Scratch<T>& sc) {
+                     const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, Scratch<T>& sc,
+                     const Dropout* drop = nullptr, uint64_t row_base = 0) {
   if constexpr (std::is_same_v<T, float>) {
     switch (D) {
-      case 12: return bwd_impl<T, 12>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc);
-      case 16: return bwd_impl<T, 16>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc);
-      case 32: return bwd_impl<T, 32>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc);
-      case 64: return bwd_impl<T, 64>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc);
+      case 12: return bwd_impl<T, 12>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 16: return bwd_impl<T, 16>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 32: return bwd_impl<T, 32>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 64: return bwd_impl<T, 64>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
       default: break;
     }
   }
-  bwd_impl<T, 0>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc);
+  bwd_impl<T, 0>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
 }
 
 // Calls f(T{}) for float / double (a plain lambda, not AT_DISPATCH: #pragma omp cannot sit in a macro argument).
@@ -356,9 +402,11 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 // Returns out (B,H,Lq,D), lse (B,H,S,Lq), o_src (S,B,H,Lq,D) or empty when S == 1.
 std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                              torch::Tensor key_valid, std::vector<int64_t> offsets,
-                                             std::optional<torch::Tensor> q_valid, double scale) {
+                                             std::optional<torch::Tensor> q_valid, double scale, double dropout_p,
+                                             int64_t seed) {
   for (const auto& [t, n] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{key_valid, "key_valid"}})
     check_cpu(t, n);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, L, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(key_valid.scalar_type() == torch::kBool, "key_valid must be bool");
@@ -377,6 +425,8 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
   auto lse = maybe_poison(torch::empty({B, H, S, Lq}, q.options()));
   auto o_src = S > 1 ? maybe_poison(torch::empty({S, B, H, Lq, D}, q.options())) : torch::Tensor();
   const int64_t nqb = (Lq + BM - 1) / BM;
+  const Dropout drop_cfg(uint64_t(seed), dropout_p, uint64_t(Lk));
+  const Dropout* drop = dropout_p > 0.0 ? &drop_cfg : nullptr;
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.data_ptr<T>();
@@ -403,7 +453,7 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
           T* lse_row = lp + (bh * S + s) * Lq + i0;
           T* dst = S > 1 ? sp + ((s * B * H + bh) * Lq + i0) * D : ob;
           attend_rows_fwd<T>(qb, nr, qvb, kp + (bh * Lk + k0) * D, vp + (bh * Lk + k0) * D, kv + b * Lk + k0,
-                             int(nk), int(D), T(scale), dst, lse_row, sc);
+                             int(nk), int(D), T(scale), dst, lse_row, sc, drop, uint64_t((bh * Lq + i0) * Lk + k0));
         }
         if (S > 1) {
           std::fill(ob, ob + size_t(nr) * D, T(0));
@@ -422,7 +472,7 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
 std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                               torch::Tensor key_valid, std::vector<int64_t> offsets,
                                               torch::Tensor lse, torch::Tensor delta, torch::Tensor dout,
-                                              double scale) {
+                                              double scale, double dropout_p, int64_t seed) {
   for (const auto& [t, n] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{key_valid, "key_valid"},
                        std::pair{lse, "lse"}, std::pair{delta, "delta"}, std::pair{dout, "dout"}})
     check_cpu(t, n);
@@ -434,6 +484,9 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
                   dout.scalar_type() == q.scalar_type(), "lse/delta/dout dtype must match q");
   // zeros: every gradient element is an accumulation target (masked keys / empty rows stay 0)
   auto dq = torch::zeros_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  const Dropout drop_cfg(uint64_t(seed), dropout_p, uint64_t(Lk));
+  const Dropout* drop = dropout_p > 0.0 ? &drop_cfg : nullptr;
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *dop = dout.data_ptr<T>();
@@ -453,7 +506,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
             const int64_t qoff = (bh * Lq + i0) * D, koff = (bh * Lk + k0) * D;
             attend_rows_bwd<T>(qp + qoff, nr, kp + koff, vp + koff, kv + b * Lk + k0, int(nk), int(D), T(scale),
                                lp + (bh * S + s) * Lq + i0, dlp + (bh * S + s) * Lq + i0, dop + qoff, dqp + qoff,
-                               dkp + koff, dvp + koff, sc);
+                               dkp + koff, dvp + koff, sc, drop, uint64_t((bh * Lq + i0) * Lk + k0));
           }
         }
       }
@@ -608,8 +661,8 @@ torch::Tensor masked_mean_backward(torch::Tensor valid, torch::Tensor dout, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "msa_fast CPU kernels (OpenMP): segmented attention, bottleneck exchange, masked mean";
-  m.def("attention_forward", &attention_forward, "segmented attention forward -> (out, lse, o_src)");
-  m.def("attention_backward", &attention_backward, "segmented attention backward -> (dq, dk, dv)");
+  m.def("attention_forward", &attention_forward, "segmented attention forward (optional counter-RNG dropout on P) -> (out, lse, o_src)");
+  m.def("attention_backward", &attention_backward, "segmented attention backward (same dropout seed) -> (dq, dk, dv)");
   m.def("bottleneck_forward", &bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
   m.def("bottleneck_backward", &bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import as_u8, block_d, check_offsets, make_signature, num_segment_blocks, offsets_tensor
+from .counter_rng import dropout_args, dropout_scale, row_counter
 
 @triton.jit
 def find_segment_block(pid, OFFS, S, BLOCK: tl.constexpr):
@@ -49,7 +50,8 @@ def _attn_fwd_kernel(
     Q, K, V, KVALID, QVALID, OFFS, OUT, LSE, OSRC,
     H, Lq, Lk, S, D, store_src, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed_lo, seed_hi, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -66,6 +68,7 @@ def _attn_fwd_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     qk_scale = scale * 1.4426950408889634  # exp2 domain
+    row_lo, row_hi = row_counter(bh * Lq + offs_m, Lk)  # dropout counters of (row, key 0)
     total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(S):
         start = tl.load(OFFS + s)
@@ -85,7 +88,10 @@ def _attn_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every key; dropout only thins P V
+            if DROPOUT:  # element (row, key) draws counter (bh·Lq + row)·Lk + key (as the C++ kernel)
+                p = p * dropout_scale(row_lo[:, None], row_hi[:, None], cols[None, :], seed_lo, seed_hi, keep_thr,
+                                      inv_keep)
             vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=c_in[:, None] & d_in[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
             m_i = m_new
@@ -108,7 +114,8 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, KVALID, QVALID, OFFS, LSE, DELTA, DO, DK, DV,
     H, Lq, Lk, S, D, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed_lo, seed_hi, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,8 +149,14 @@ def _attn_bwd_dkdv_kernel(
         st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (N, M)
         pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
         pt = tl.where(k_ok[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if DROPOUT:  # Z = keep / (1 − p): dV uses (P∘Z)ᵀ, dS = P∘(dP∘Z − delta)
+            r_lo, r_hi = row_counter(bh * Lq + rows, Lk)
+            zt = dropout_scale(r_lo[None, :], r_hi[None, :], offs_n[:, None], seed_lo, seed_hi, keep_thr, inv_keep)
+            dv += tl.dot((pt * zt).to(do.dtype), do, input_precision="ieee")
+            dpt = dpt * zt
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
         dst = pt * (dpt - dlt[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
     dk = dk * scale
@@ -157,7 +170,8 @@ def _attn_bwd_dq_kernel(
     Q, K, V, KVALID, QVALID, OFFS, LSE, DELTA, DO, DQ,
     H, Lq, Lk, S, D, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed_lo, seed_hi, keep_thr, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -175,6 +189,7 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     qk_scale = scale * 1.4426950408889634
+    row_lo, row_hi = row_counter(bh * Lq + offs_m, Lk)  # dropout counters of (row, key 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(S):
         start = tl.load(OFFS + s)
@@ -193,6 +208,9 @@ def _attn_bwd_dq_kernel(
             p = tl.exp2(sc - lse2[:, None])
             p = tl.where(k_ok[None, :], p, 0.0)
             dp = tl.dot(do, vt, input_precision="ieee")
+            if DROPOUT:
+                dp = dp * dropout_scale(row_lo[:, None], row_hi[:, None], cols[None, :], seed_lo, seed_hi, keep_thr,
+                                        inv_keep)
             ds = p * (dp - dlt[:, None])
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision="ieee")
     dq = dq * scale
@@ -208,7 +226,7 @@ AOT_DTYPES = ("fp32", "bf16")  # fp16 takes the bf16 configs (same tile sizes, s
 KINDS = ("fwd", "dkdv", "dq")
 
 
-def _config(kind: str, bd: int, fp32: bool) -> dict:
+def _config(kind: str, bd: int, fp32: bool, dropout: bool = False) -> dict:
     """Tiles for kernel ``kind`` ("fwd", "dkdv", "dq") at padded head dim ``bd``.
 
     fp32 dots run as exact FMA loops (input_precision="ieee"), which hold more operand registers than tensor-core
@@ -223,17 +241,22 @@ def _config(kind: str, bd: int, fp32: bool) -> dict:
         # fwd 64x32 and dq 64x32 at 255 registers, dkdv 32x64 on sm_90), 16 warps spill more (128-register cap),
         # and the fp32 dq tile (FMA dots, all operands fp32) spills on sm_80 at BLOCK_N 32 but is clean at 16.
         return dict(BLOCK_M=32, BLOCK_N=16 if fp32 and kind == "dq" else 32, num_warps=8, num_stages=2)
-    warps = 8 if bd == 64 or (fp32 and bd >= 32) else 4
+    warps = 8 if bd == 64 or (fp32 and (bd >= 32 or dropout)) else 4
     if kind == "fwd":
         # 8 warps from bd 32: with 4 warps the bd-64 16-bit tile sat at 255 registers (no spill, no headroom).
-        return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 32 else 32, num_warps=4 if bd == 16 else 8, num_stages=2)
+        # (dropout: the in-tile hash of the 64 x 64 fp32 tile spilled at 4 warps on sm_80 / sm_90 -> 8 warps)
+        return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 32 else 32, num_warps=4 if bd == 16 and not dropout else 8,
+                    num_stages=2)
     if kind == "dkdv":
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=warps, num_stages=2)
+    if fp32 and dropout:  # FMA dots + the hash of the dP tile spilled at BLOCK_N 32 (and at 8 warps for bd 16)
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4 if bd == 16 else 8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2)  # dq
 
 
-def _launch_cfg(kind: str, bd: int, dtype: torch.dtype, block_m: Optional[int], block_n: Optional[int]) -> dict:
-    cfg = _config(kind, bd, dtype == torch.float32)
+def _launch_cfg(kind: str, bd: int, dtype: torch.dtype, block_m: Optional[int], block_n: Optional[int],
+                dropout: bool = False) -> dict:
+    cfg = _config(kind, bd, dtype == torch.float32, dropout)
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_n is not None:
@@ -248,18 +271,20 @@ def _aot_configs() -> list[dict]:
         for bd in HEAD_DIM_BLOCKS:
             # At bd 128 the 16-bit tiles sit at 190-245 registers: fp16 is compiled too, not assumed equal to bf16.
             for dt in AOT_DTYPES + (("fp16",) if bd == 128 else ()):
-                cfg = _config(kind, bd, dt == "fp32")
-                constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd)
-                t = "*" + dt
-                types = dict(Q=t, K=t, V=t, KVALID="*u8", QVALID="*u8", OFFS="*i32", scale="fp32")
-                if kind == "fwd":
-                    types.update(OUT=t, LSE="*fp32", OSRC="*fp32")
-                else:
-                    types.update(LSE="*fp32", DELTA="*fp32", DO=t)
-                    types.update(dict(DK=t, DV=t) if kind == "dkdv" else dict(DQ=t))
-                out.append(dict(kernel=fn, name=f"attention.{kind}.d{bd}.{t[1:]}",
-                                signature=make_signature(fn, types, constexprs), constexprs=constexprs,
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                for dropout in (False, True):
+                    cfg = _config(kind, bd, dt == "fp32", dropout)
+                    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DROPOUT=dropout)
+                    t = "*" + dt
+                    types = dict(Q=t, K=t, V=t, KVALID="*u8", QVALID="*u8", OFFS="*i32", scale="fp32",
+                                 seed_lo="i64", seed_hi="i64", keep_thr="i64", inv_keep="fp32")
+                    if kind == "fwd":
+                        types.update(OUT=t, LSE="*fp32", OSRC="*fp32")
+                    else:
+                        types.update(LSE="*fp32", DELTA="*fp32", DO=t)
+                        types.update(dict(DK=t, DV=t) if kind == "dkdv" else dict(DQ=t))
+                    out.append(dict(kernel=fn, name=f"attention.{kind}.d{bd}.{t[1:]}{'.dropout' if dropout else ''}",
+                                    signature=make_signature(fn, types, constexprs), constexprs=constexprs,
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out
 
 
@@ -293,15 +318,20 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+#: in-kernel dropout on the probabilities (``dropout=(p, seed)``), mask regenerated in backward (counter_rng.py)
+supports_dropout = True
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, src_offsets,
-            q_valid: Optional[torch.Tensor], scale: float, *, block_m: Optional[int] = None,
+            q_valid: Optional[torch.Tensor], scale: float, dropout=None, *, block_m: Optional[int] = None,
             block_n: Optional[int] = None):
     """Segmented attention forward.
 
     q (B, H, Lq, D); k, v (B, H, Lk, D) (S sources concatenated); key_valid (B, Lk) bool (True = valid);
     src_offsets: S+1 python ints; q_valid (B, Lq) bool or None; scale: float.
     Returns out (B, H, Lq, D) q.dtype, lse (B, H, S, Lq) fp32 (+inf for empty / invalid rows),
-    o_src (S, B, H, Lq, D) fp32 or None when S == 1. ``block_m`` / ``block_n`` override the tiles (tests).
+    o_src (S, B, H, Lq, D) fp32 or None when S == 1. ``dropout`` = (p, seed) drops probabilities with the mask
+    of ``dropout_keep_mask(seed, (B, H, Lq, Lk), p)``. ``block_m`` / ``block_n`` override the tiles (tests).
     """
     _check_qkv(q, k, v)
     B, H, Lq, D = q.shape
@@ -312,7 +342,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.
     kv = _valid_u8(key_valid, B, Lk, q.device, "key_valid")
     qv = _valid_u8(q_valid, B, Lq, q.device, "q_valid")
     bd = block_d(D)
-    cfg = _launch_cfg("fwd", bd, q.dtype, block_m, block_n)
+    cfg = _launch_cfg("fwd", bd, q.dtype, block_m, block_n, dropout is not None)
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S, Lq), dtype=torch.float32, device=q.device)
     o_src = torch.empty((S, B, H, Lq, D), dtype=torch.float32, device=q.device) if S > 1 else None
@@ -322,15 +352,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.
             q, k, v, kv, qv, offsets_tensor(offs, q.device), out, lse, o_src if o_src is not None else lse,
             H, Lq, Lk, S, D, int(S > 1), float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+            v.stride(0), v.stride(1), v.stride(2), *dropout_args(dropout),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DROPOUT=dropout is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, o_src
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, src_offsets,
              q_valid: Optional[torch.Tensor], scale: float, lse: torch.Tensor, delta: torch.Tensor,
-             dout: torch.Tensor, *, block_m: Optional[int] = None, block_n: Optional[int] = None):
+             dout: torch.Tensor, dropout=None, *, block_m: Optional[int] = None, block_n: Optional[int] = None):
     """Segmented attention backward: P recomputed from ``lse`` (B, H, S, Lq); ``delta`` (B, H, S, Lq) fp32 =
     sum_d dout * o_s; dout (B, H, Lq, D). Returns dq, dk, dv with the shapes/dtypes of q, k, v."""
     _check_qkv(q, k, v)
@@ -356,23 +386,24 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch
     if B * H == 0:
         return dq, dk, dv
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+               *dropout_args(dropout))
     if Lq == 0:  # no query contributes: zero key gradients
         dk.zero_()
         dv.zero_()
     elif Lk > 0:
-        cfg = _launch_cfg("dkdv", bd, q.dtype, block_m, block_n)
+        cfg = _launch_cfg("dkdv", bd, q.dtype, block_m, block_n, dropout is not None)
         grid = (num_segment_blocks(offs, cfg["BLOCK_N"]), B * H)
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, kv, qv, offs_t, lse, delta, dout, dk, dv, H, Lq, Lk, S, D, float(scale), *strides,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DROPOUT=dropout is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if Lq > 0:
-        cfg = _launch_cfg("dq", bd, q.dtype, block_m, block_n)
+        cfg = _launch_cfg("dq", bd, q.dtype, block_m, block_n, dropout is not None)
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
         _attn_bwd_dq_kernel[grid](
             q, k, v, kv, qv, offs_t, lse, delta, dout, dq, H, Lq, Lk, S, D, float(scale), *strides,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DROPOUT=dropout is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dv
 

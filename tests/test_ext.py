@@ -23,4 +23,7 @@ def test_extension_rejects_unsupported_dtype_clearly():
         pytest.skip("msa_fast._C not built")
     q = torch.randn(1, 1, 2, 4, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        lib.attention_forward(q, q, q, torch.ones(1, 2, dtype=torch.bool), [0, 2], None, 1.0)
+        lib.attention_forward(q, q, q, torch.ones(1, 2, dtype=torch.bool), [0, 2], None, 1.0, 0.0, 0)
+    q = q.float()
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        lib.attention_forward(q, q, q, torch.ones(1, 2, dtype=torch.bool), [0, 2], None, 1.0, 1.0, 0)

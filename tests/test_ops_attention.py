@@ -3,13 +3,15 @@
 "cpp" is skipped when the extension is not built (CI builds it: tests/test_ext.py); "triton" runs only when
 msa_fast.kernels imports (CUDA, or the interpreter set up by conftest.py) and then on tiny shapes only.
 """
+import sys
+
 import pytest
 import torch
 
 from msa_fast import _ext
 from msa_fast.ops import attention, use_backend
 from msa_fast.testing import available_backends, compare_with_reference, random_padding_mask
-from msa_fast.testing.reference import attention_ref
+from msa_fast.testing.reference import attention_ref, dropout_keep_mask
 
 BACKENDS = available_backends()
 CPU_BACKENDS = [b for b in ("torch", "cpp")]
@@ -123,12 +125,68 @@ def test_auto_route_matches_reference(masks):
                            lambda q, k, v: attention_ref(q, k, v, kpm, qpm), [q, k, v], torch.float32, name="auto")
 
 
-def test_dropout_routes_to_reference_and_backprops():
+def test_dropout_without_kernel_dropout_uses_the_reference_and_backprops():
     q, k, v = (torch.randn(2, 2, L, 16, requires_grad=True) for L in (7, 11, 11))
-    out = attention(q, k, v, dropout_p=0.5)
+    out = attention(q, k, v, dropout_p=0.5, backend="torch")
     out.sum().backward()
     assert q.grad is not None and not torch.isnan(q.grad).any()
     assert not torch.allclose(out, attention_ref(q, k, v))
+
+
+SEED = 0x1234_5678_9ABC
+
+
+@pytest.fixture
+def fixed_seed(monkeypatch):
+    """Pin the seed the op draws, so the kernel's mask is known: dropout_keep_mask(SEED, (B, H, Lq, Lk), p)."""
+    monkeypatch.setattr(sys.modules["msa_fast.ops.attention"], "draw_seed", lambda: SEED)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_cpp_in_kernel_dropout_matches_reference_with_the_same_mask(fixed_seed, p, noncontig):
+    """Forward and q/k/v gradients of the C++ kernel's dropout equal the reference applying the counter-RNG mask
+    (ragged keys, a fully masked row, padded queries, head dims 12..64, a key axis crossing 64-key tiles)."""
+    _need("cpp")
+    for B, H, Lq, Lk, D in SHAPES:
+        q, k, v, kpm, qpm = _case(B, H, Lq, Lk, D, "cpu")
+        mask = dropout_keep_mask(SEED, (B, H, Lq, Lk), p)
+        compare_with_reference(
+            lambda q, k, v: attention(q, k, v, key_padding_mask=kpm, query_padding_mask=qpm, dropout_p=p,
+                                      backend="cpp"),
+            lambda q, k, v: attention_ref(q, k, v, kpm, qpm, dropout_p=p, dropout_mask=mask),
+            [q, k, v], torch.float32, name=f"cpp dropout {p} {(B, H, Lq, Lk, D)}", noncontig=noncontig)
+
+
+def test_cpp_dropout_keep_rate_and_seeding():
+    """q = 0 and v = I expose the kernel's mask: keep rate ≈ 1 − p, a fresh mask per call, reproducible under
+    torch.manual_seed, and different from the undropped output."""
+    _need("cpp")
+    p, L = 0.3, 128
+    q, k, v = torch.zeros(2, 2, 40, L), torch.randn(2, 2, L, L), torch.eye(L).expand(2, 2, L, L).contiguous()
+
+    def kept():
+        return attention(q, k, v, dropout_p=p, backend="cpp") * L * (1 - p) > 0.5
+
+    torch.manual_seed(7)
+    a, b = kept(), kept()
+    torch.manual_seed(7)
+    assert torch.equal(kept(), a)
+    assert not torch.equal(a, b)
+    rate = a.float().mean().item()
+    assert abs(rate - (1 - p)) < 0.02, rate  # 20 480 Bernoulli draws: 5 sigma ≈ 0.016
+    assert 0.35 < (a == b).float().mean().item() < 0.75  # independent masks agree on p² + (1 − p)² = 0.58
+
+
+def test_cpp_dropout_fully_masked_rows_give_zeros_and_finite_grads():
+    _need("cpp")
+    q, k, v = (torch.randn(2, 2, L, 16, requires_grad=True) for L in (5, 9, 9))
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0] = True
+    out = attention(q, k, v, key_padding_mask=kpm, dropout_p=0.5, backend="cpp")
+    out.sum().backward()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_use_backend_and_env_override(monkeypatch):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from msa_fast.testing.reference import attention_ref, multi_source_attention_ref
+from msa_fast.testing.reference import attention_ref, dropout_keep_mask, multi_source_attention_ref
 
 attn = pytest.importorskip("msa_fast.kernels.attention")
 
@@ -177,7 +177,77 @@ def test_launcher_configs_are_listed_for_aot(dtype, d):
 
     bd = block_d(d)
     listed = {(c["name"].split(".")[1], c["constexprs"]["BLOCK_D"], c["constexprs"]["BLOCK_M"],
-               c["constexprs"]["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in attn.AOT_CONFIGS}
+               c["constexprs"]["BLOCK_N"], c["constexprs"]["DROPOUT"], c["num_warps"], c["num_stages"])
+              for c in attn.AOT_CONFIGS}
     for kind in ("fwd", "dkdv", "dq"):
-        cfg = attn._launch_cfg(kind, bd, dtype, None, None)
-        assert (kind, bd, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) in listed
+        for dropout in (False, True):
+            cfg = attn._launch_cfg(kind, bd, dtype, None, None, dropout)
+            assert (kind, bd, cfg["BLOCK_M"], cfg["BLOCK_N"], dropout, cfg["num_warps"], cfg["num_stages"]) in listed
+
+
+DROPOUT_CASES = [  # id, dtype, B, H, Lq, source lengths, D, tile override
+    ("fp32-d16-1src-b16", F32, 2, 2, 21, (37,), 16, 16),
+    ("fp16-d32-2src-default", F16, 1, 2, 19, (9, 30), 32, None),
+    ("fp32-d12-2src-b16-crossing", F32, 1, 1, 17, (20, 15), 12, 16),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c[0] for c in DROPOUT_CASES])
+def test_in_kernel_dropout_matches_reference_with_the_counter_mask(case, triton_device, poison_empty, error_rule):
+    """dropout=(p, seed): forward and dq/dk/dv equal the reference applying dropout_keep_mask(seed, (B, H, Lq, Lk),
+    p) per source (the same mask the C++ kernel draws), ragged keys, a fully padded source, padded queries."""
+    _, dtype, B, H, Lq, lens, D, blk = case
+    q, k, v, key_valid, q_valid, offs = _make_case(B, H, Lq, lens, D, dtype, triton_device, False)
+    p, seed, scale = 0.3, 0xDEAD_BEEF_1234, D ** -0.5
+    mask = dropout_keep_mask(seed, (B, H, Lq, offs[-1]), p).to(triton_device)
+    out, lse, o_src = attn.forward(q, k, v, key_valid, offs, q_valid, scale, (p, seed), block_m=blk, block_n=blk)
+
+    def ref(q, k, v, upcast):
+        parts = [attention_ref(q, k[:, :, a:e], v[:, :, a:e], ~key_valid[:, a:e], ~q_valid, scale, dropout_p=p,
+                               upcast=upcast, dropout_mask=mask[..., a:e]) for a, e in zip(offs, offs[1:])]
+        return parts, sum(parts)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    parts64, ref64 = ref(q64, k64, v64, True)
+    _, ref_dt = ref(qs, ks, vs, False)
+    error_rule("out", out, ref64, ref_dt)
+    o_s = out.float()[None] if o_src is None else o_src
+    for s, part in enumerate(parts64 if o_src is not None else []):
+        error_rule(f"o_src[{s}]", o_src[s], part.detach(), part.detach().to(dtype))
+    dout = torch.randn(B, H, Lq, D, dtype=torch.float64).to(device=triton_device, dtype=dtype)
+    delta = (dout.float()[None] * o_s).sum(-1).permute(1, 2, 0, 3).contiguous()
+    grads = attn.backward(q, k, v, key_valid, offs, q_valid, scale, lse, delta, dout, (p, seed),
+                          block_m=blk, block_n=blk)
+    g64 = torch.autograd.grad(ref64, (q64, k64, v64), dout.double())
+    gdt = torch.autograd.grad(ref_dt, (qs, ks, vs), dout)
+    for name, got, r64, rdt in zip(("dq", "dk", "dv"), grads, g64, gdt):
+        error_rule(name, got, r64, rdt)
+
+
+rng = pytest.importorskip("msa_fast.kernels.counter_rng")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _counter_rng_probe(ROWS, OUT, Lk, seed_lo, seed_hi, keep_thr, inv_keep, R: tl.constexpr, C: tl.constexpr):
+    r = tl.arange(0, R)
+    c = tl.arange(0, C)
+    lo, hi = rng.row_counter(tl.load(ROWS + r), Lk)
+    z = rng.dropout_scale(lo[:, None], hi[:, None], c[None, :], seed_lo, seed_hi, keep_thr, inv_keep)
+    tl.store(OUT + r[:, None] * C + c[None, :], z)
+
+
+def test_counter_rng_jit_equals_reference_across_the_high_word(triton_device):
+    """kernels.counter_rng.dropout_scale (32-bit halves + carry) equals counter_rng_bits on 64-bit counters, for
+    rows whose counters cross 2³² inside the row (unreachable by the small attention tests)."""
+    from msa_fast.testing.reference import counter_rng_bits, dropout_keep_threshold
+
+    p, seed, lk = 0.5, 0x0123_4567_89AB_CDEF, 3_000_000_017  # rows·Lk reach past 2³² and 2³³
+    rows = torch.tensor([0, 1, 2, 3, 5, 7, 11, 1431655765], dtype=torch.int64)
+    out = torch.full((8, 64), float("nan"), device=triton_device)
+    _counter_rng_probe[(1,)](rows.to(triton_device), out, lk, *rng.dropout_args((p, seed)), R=8, C=64)
+    n = rows[:, None] * lk + torch.arange(64)[None, :]
+    want = (counter_rng_bits(seed, n) >= dropout_keep_threshold(p)).float() * 2.0
+    assert torch.equal(out.cpu(), want)

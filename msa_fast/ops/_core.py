@@ -72,10 +72,12 @@ class SegmentedAttentionFn(torch.autograd.Function):
     """Σ_s softmax_s(q k_sᵀ·scale) v_s over S sources concatenated along the key axis (OPS_CONTRACT "attention")."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, q_valid, offsets, scale, impl):
-        out, lse, o_src = impl.forward(q, k, v, key_valid, offsets, q_valid, scale)
+    def forward(ctx, q, k, v, key_valid, q_valid, offsets, scale, impl, dropout=None):
+        # dropout: None or (p, seed) for backends with ``supports_dropout``; the mask is regenerated in backward
+        extra = {} if dropout is None else {"dropout": dropout}
+        out, lse, o_src = impl.forward(q, k, v, key_valid, offsets, q_valid, scale, **extra)
         ctx.save_for_backward(q, k, v, key_valid, q_valid, out, lse, o_src)
-        ctx.offsets, ctx.scale, ctx.impl = offsets, scale, impl
+        ctx.offsets, ctx.scale, ctx.impl, ctx.extra = offsets, scale, impl, extra
         return out
 
     @staticmethod
@@ -88,8 +90,9 @@ class SegmentedAttentionFn(torch.autograd.Function):
             delta = (dout.to(acc) * out.to(acc)).sum(-1).unsqueeze(2)  # (B, H, 1, Lq)
         else:
             delta = (dout.to(acc).unsqueeze(0) * o_src.to(acc)).sum(-1).permute(1, 2, 0, 3).contiguous()
-        dq, dk, dv = ctx.impl.backward(q, k, v, key_valid, ctx.offsets, q_valid, ctx.scale, lse, delta, dout)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ctx.impl.backward(q, k, v, key_valid, ctx.offsets, q_valid, ctx.scale, lse, delta, dout,
+                                       **ctx.extra)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class BottleneckExchangeFn(torch.autograd.Function):
@@ -125,6 +128,12 @@ class MaskedMeanFn(torch.autograd.Function):
     def backward(ctx, dout):
         x, valid = ctx.saved_tensors
         return ctx.impl.backward(x, valid, dout.contiguous()), None, None
+
+
+def draw_seed() -> int:
+    """A 63-bit seed for the counter-based RNG of the fused kernels, drawn from torch's default CPU generator (so
+    ``torch.manual_seed`` makes fused dropout reproducible, as it does ``F.dropout``)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
 def offsets_of(lengths: Sequence[int]) -> tuple[int, ...]:

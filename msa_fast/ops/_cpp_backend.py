@@ -30,20 +30,25 @@ def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, src_offsets: Sequence[int],
-                      q_valid: Optional[Tensor], scale: float):
+                      q_valid: Optional[Tensor], scale: float, dropout: Optional[tuple[float, int]] = None):
+    """``dropout`` = (p, seed): in-kernel dropout on the probabilities with the counter RNG (csrc/counter_rng.h),
+    element (b, h, i, j) drawing counter ((b·H + h)·Lq + i)·Lk + j — the mask of ``dropout_keep_mask(seed,
+    (B, H, Lq, Lk), p)``."""
     dt = _kdtype(q)
+    p, seed = dropout if dropout is not None else (0.0, 0)
     out, lse, o_src = _lib().attention_forward(
         _c(q, dt), _c(k, dt), _c(v, dt), key_valid.contiguous(), [int(o) for o in src_offsets],
-        None if q_valid is None else q_valid.contiguous(), float(scale))
+        None if q_valid is None else q_valid.contiguous(), float(scale), float(p), int(seed))
     return out.to(q.dtype), lse, (o_src if len(src_offsets) > 2 else None)
 
 
-def attention_backward(q, k, v, key_valid, src_offsets, q_valid, scale, lse, delta, dout):
+def attention_backward(q, k, v, key_valid, src_offsets, q_valid, scale, lse, delta, dout, dropout=None):
     # q_valid is encoded in lse (+inf rows give P = 0), so the kernel does not need it
     dt = _kdtype(q)
+    p, seed = dropout if dropout is not None else (0.0, 0)
     dq, dk, dv = _lib().attention_backward(
         _c(q, dt), _c(k, dt), _c(v, dt), key_valid.contiguous(), [int(o) for o in src_offsets], _c(lse, dt),
-        _c(delta, dt), _c(dout, dt), float(scale))
+        _c(delta, dt), _c(dout, dt), float(scale), float(p), int(seed))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -78,6 +83,6 @@ def masked_mean_backward(x: Tensor, valid: Tensor, dout: Tensor) -> Tensor:
     return _lib().masked_mean_backward(valid.contiguous(), _c(dout, _kdtype(x)), x.shape[1]).to(x.dtype)
 
 
-attention = SimpleNamespace(forward=attention_forward, backward=attention_backward)
+attention = SimpleNamespace(forward=attention_forward, backward=attention_backward, supports_dropout=True)
 bottleneck_exchange = SimpleNamespace(forward=bottleneck_forward, backward=bottleneck_backward)
 masked_mean = SimpleNamespace(forward=masked_mean_forward, backward=masked_mean_backward)

@@ -3,7 +3,8 @@
 "auto" (overridable by env ``MSA_FAST_BACKEND`` or ``with use_backend(name):``):
 - CUDA tensors → "triton" when Triton and ``msa_fast.kernels`` import, else "torch".
 - CPU tensors  → "cpp" when the extension ``msa_fast._C`` is built, else "torch".
-- ``attention(dropout_p > 0)`` while grad is enabled → the reference with dropout (the fused backends have none).
+- ``attention(dropout_p > 0)``: the C++ and Triton backends apply dropout inside the kernel (one counter-based RNG,
+  mask regenerated in backward, identical masks on both); the torch backend runs the reference with ``F.dropout``.
 Single-source CPU attention may additionally be routed to ``torch.nn.functional.scaled_dot_product_attention``
 by ``msa_fast.ops.attention`` (see its docstring for the measured rule).
 Forcing "triton" on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (tests).

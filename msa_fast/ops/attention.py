@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..testing.reference import attention_ref
 from . import _dispatch
-from ._core import check_float, check_mask, check_same, check_scale, lengths_to_padding
+from ._core import check_float, check_mask, check_same, check_scale, draw_seed, lengths_to_padding
 from .multi_source_attention import run_sdpa, run_segmented, sdpa_route_applies
 
 
@@ -28,7 +28,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
 
     q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) bool, True = padding — or k_lengths (B,) int
     (keys at positions ≥ length are padding); query_padding_mask (B, Lq) bool, True = padding (zero output rows);
-    scale defaults to D^-0.5; dropout_p > 0 applies dropout on the probabilities (reference path) → (B, H, Lq, D).
+    scale defaults to D^-0.5; dropout_p > 0 applies dropout on the probabilities (C++ / Triton: inside the kernel
+    with the counter RNG — the mask of ``testing.reference.dropout_keep_mask(seed, (B, H, Lq, Lk), p)``, seed
+    drawn from torch's default generator; torch backend: the reference with ``F.dropout``) → (B, H, Lq, D).
     A query row with no valid key gives zeros, never NaN.
     """
     check_float(q, "q", 4, "(B, H, Lq, D)")
@@ -54,7 +56,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     name = _dispatch.resolve(backend, q.device)
-    if dropout_p > 0.0:  # fused backends have no dropout: the reference (autograd through it) applies it
+    if dropout_p > 0.0:
+        if getattr(_dispatch.get("attention", name), "supports_dropout", False):
+            # in-kernel counter-RNG dropout (mask of testing.reference.dropout_keep_mask(seed, (B, H, Lq, Lk), p),
+            # regenerated in backward: no (Lq, Lk) tensor is ever stored)
+            return run_segmented(q, [(k, v, key_padding_mask)], scale, query_padding_mask, name,
+                                 dropout=(float(dropout_p), draw_seed()))
+        # backends without in-kernel dropout: the reference (torch RNG, autograd through it)
         return attention_ref(q, k, v, key_padding_mask, query_padding_mask, scale, float(dropout_p))
     unmasked = key_padding_mask is None and query_padding_mask is None
     if sdpa_route_applies(backend, name, q, [q, k, v], unmasked_single_source=unmasked):

@@ -50,8 +50,8 @@ def run_sdpa(q: Tensor, sources: Sequence[Source], scale: float, query_padding_m
 
 
 def run_segmented(q: Tensor, sources: Sequence[Source], scale: float, query_padding_mask: Optional[Tensor],
-                  name: str) -> Tensor:
-    """Validated inputs → SegmentedAttentionFn on concrete backend ``name``."""
+                  name: str, dropout: Optional[tuple[float, int]] = None) -> Tensor:
+    """Validated inputs → SegmentedAttentionFn on concrete backend ``name`` (``dropout`` = (p, seed) or None)."""
     B = q.shape[0]
     ks = [k for k, _, _ in sources]
     vs = [v for _, v, _ in sources]
@@ -63,7 +63,7 @@ def run_segmented(q: Tensor, sources: Sequence[Source], scale: float, query_padd
     key_valid = (valid[0] if len(valid) == 1 else torch.cat(valid, dim=1)).contiguous()
     impl = _dispatch.get("attention", name)
     return SegmentedAttentionFn.apply(q.contiguous(), k, v, key_valid, valid_or_none(query_padding_mask), offsets,
-                                      scale, impl)
+                                      scale, impl, dropout)
 
 
 def multi_source_attention(q: Tensor, sources: Sequence[Source], scale: Optional[float] = None,

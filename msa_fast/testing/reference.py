@@ -44,11 +44,14 @@ def attention_ref(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     upcast: bool = False,
+    dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """softmax(q·kᵀ·scale, masked)·v.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv), key_padding_mask (B, Lk), query_padding_mask (B, Lq)
-    → (B, H, Lq, Dv) in q's dtype (computed in float64 when ``upcast``).
+    → (B, H, Lq, Dv) in q's dtype (computed in float64 when ``upcast``). ``dropout_p`` > 0 drops probabilities with
+    ``F.dropout``, or with the given keep mask (B, H, Lq, Lk) bool (e.g. ``dropout_keep_mask``, what the fused
+    kernels draw), kept entries scaled by 1 / (1 − p).
     """
     dtype = q.dtype
     q, k, v = _prep(q, upcast), _prep(k, upcast), _prep(v, upcast)
@@ -56,7 +59,9 @@ def attention_ref(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     kp = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     p = masked_softmax(scores, kp)
-    if dropout_p > 0.0:
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
     out = torch.matmul(p, v)
     if query_padding_mask is not None:
@@ -115,3 +120,51 @@ def masked_mean_ref(x: Tensor, mask: Optional[Tensor] = None, upcast: bool = Fal
         w = mask.to(x.dtype).unsqueeze(-1)
         out = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
     return out if upcast else out.to(dtype)
+
+
+# ---- counter-based dropout RNG (mirrors csrc/counter_rng.h and the Triton kernels bit for bit) ------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h · c) mod 2³² for int64 tensors holding uint32 values, without int64 overflow (16-bit split of c)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def counter_rng_bits(seed: int, counters: Tensor) -> Tensor:
+    """32 random bits per element counter n (int64 tensor, n ≥ 0) → int64 tensor of values in [0, 2³²).
+
+    bits(seed, n) = fmix32(fmix32(lo32(n) ^ lo32(seed)) ^ hi32(seed) ^ hi32(n)·0x9E3779B1), MurmurHash3's finaliser;
+    the definition shared by the C++ (csrc/counter_rng.h) and Triton kernels."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    s0, s1 = seed & _M32, seed >> 32
+    n = counters.to(torch.int64)
+    hi_w = _mul32(n >> 32, 0x9E3779B1) ^ s1
+    return _fmix32(_fmix32((n & _M32) ^ s0) ^ hi_w)
+
+
+def dropout_keep_threshold(p: float) -> int:
+    """floor(p·2³²) (capped at 2³²−1): element n is kept iff bits(seed, n) ≥ threshold."""
+    return min(int(p * 2**32), _M32)
+
+
+def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: Optional[torch.device] = None) -> Tensor:
+    """The keep mask (bool, ``shape``) the fused kernels draw for a contiguous tensor of ``shape``: element with
+    row-major flat index n is kept iff counter_rng_bits(seed, n) ≥ floor(p·2³²). p = 1 drops everything."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if p >= 1.0:
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
+    n = torch.arange(numel, dtype=torch.int64, device=device)
+    return (counter_rng_bits(seed, n) >= dropout_keep_threshold(p)).reshape(tuple(shape))
