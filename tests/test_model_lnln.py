@@ -545,3 +545,23 @@ def test_it_learns_beyond_the_mean_and_the_text_only_ablation():
     assert full < text_only - 0.05, (full, text_only)
     # same seed → same numbers (one epoch keeps the check cheap)
     assert _train_and_test_mae(data, text_only=False, epochs=1) == _train_and_test_mae(data, False, epochs=1)
+
+
+def test_tokens_only_compressor_equals_the_official_first_rows():
+    """The last layer computing only the T summary rows gives the official all-rows output's first T rows (forward
+    and parameter / input gradients): an algorithmic win that changes no number."""
+    from msa_fast.models.lnln_layers import TokenTransformer
+
+    torch.manual_seed(0)
+    full = TokenTransformer(40, 8, 32, depth=2, heads=4, mlp_dim=16, dim_head=8).double()
+    fast = TokenTransformer(40, 8, 32, depth=2, heads=4, mlp_dim=16, dim_head=8, tokens_only=True).double()
+    fast.load_state_dict(full.state_dict())
+    x = torch.randn(3, 37, 32, dtype=torch.float64, requires_grad=True)
+    a, b = full(x)[:, :8], fast(x)
+    assert b.shape == (3, 8, 32)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *full.parameters()], g)
+    gb = torch.autograd.grad(b, [x, *fast.parameters()], g)
+    for u, w in zip(ga, gb):
+        torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)

@@ -92,12 +92,13 @@ class BertTextEncoder(nn.Module):
 
 
 def _compressor(in_dim: int, num_frames: int, c: Mapping[str, Any]) -> nn.Sequential:
-    """Linear in_dim → d, then a token compressor (T learned tokens prepended); callers keep ``[:, :T]``."""
+    """Linear in_dim → d, then a token compressor (T learned tokens prepended) → the T tokens (B, T, d) (the
+    official code computes all T + n rows and keeps ``[:, :T]``; the last layer here computes only those)."""
     d = c["hidden_dim"]
     return nn.Sequential(
         nn.Linear(in_dim, d),
         TokenTransformer(num_frames, c["token_len"], d, c["compressor_depth"], c["heads"], c["mlp_dim"],
-                         c["dim_head"]))
+                         c["dim_head"], tokens_only=True))
 
 
 @register("lnln")
@@ -164,12 +165,13 @@ class LNLN(MSAModel):
         self.proj_a = _compressor(c["audio_dim"], c["audio_len"], c)
         self.proj_v = _compressor(c["vision_dim"], c["vision_len"], c)
         enc = dict(dim=d, heads=c["heads"], mlp_dim=c["mlp_dim"], dim_head=c["dim_head"])
-        self.proxy_dominate_modality_generator = TokenTransformer(3 * t, t, depth=c["proxy_depth"], **enc)
+        self.proxy_dominate_modality_generator = TokenTransformer(3 * t, t, depth=c["proxy_depth"], tokens_only=True,
+                                                                  **enc)
         self.GRL = GradientReversalLayer(c["grl_alpha"])
         self.effective_discriminator = nn.Sequential(
             nn.Linear(d, c["discriminator_hidden"]), nn.LeakyReLU(0.1), nn.Linear(c["discriminator_hidden"], 2))
         self.completeness_check = nn.ModuleList([
-            TokenTransformer(t, 1, depth=c["completeness_depth"], **enc),
+            TokenTransformer(t, 1, depth=c["completeness_depth"], tokens_only=True, **enc),
             nn.Sequential(nn.Linear(d, d // 2), nn.LeakyReLU(0.1), nn.Linear(d // 2, 1), nn.Sigmoid()),
         ])
         self.reconstructor = nn.ModuleList(

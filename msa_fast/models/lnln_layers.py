@@ -124,13 +124,20 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = _encoder_layers(dim, depth, heads, dim_head, mlp_dim)
 
-    def forward(self, x: Tensor, save_hidden: bool = False):
+    def forward(self, x: Tensor, save_hidden: bool = False, keep_rows: Optional[int] = None):
+        """``keep_rows``: return only x[:, :keep_rows] (B, keep_rows, d) — the last layer then computes just those
+        query rows (attention, LayerNorms and FFN are row-wise given the keys), the same numbers at a fraction of
+        the cost for compressors whose callers keep the first tokens."""
         hidden = [x]
-        for attn, ff in self.layers:
-            x = attn(x, x, x) + x
+        last = len(self.layers) - 1
+        for i, (attn, ff) in enumerate(self.layers):
+            q = x[:, :keep_rows] if keep_rows is not None and i == last and not save_hidden else x
+            x = attn(q, x, x) + q
             x = ff(x) + x
             hidden.append(x)
-        return hidden if save_hidden else x
+        if save_hidden:
+            return hidden
+        return x if keep_rows is None else x[:, :keep_rows]
 
 
 class TokenTransformer(nn.Module):
@@ -139,12 +146,17 @@ class TokenTransformer(nn.Module):
     With ``token_len``: prepend ``token_len`` learned tokens (zeros-init) to x (B, n, d), add the fixed-length
     randn position embedding sliced to n + token_len, encode → (B, token_len + n, d); callers keep the first
     ``token_len`` rows. Without: only the position embedding. ``n`` must not exceed ``num_frames``.
+    ``tokens_only=True``: return just the summary tokens (B, token_len, d), computing only those rows in the last
+    layer (exactly the official first rows; half the attention of a 2-layer compressor over 508 frames).
     """
 
     def __init__(self, num_frames: int, token_len: Optional[int], dim: int, depth: int, heads: int, mlp_dim: int,
-                 dim_head: int = 64, save_hidden: bool = False):
+                 dim_head: int = 64, save_hidden: bool = False, tokens_only: bool = False):
         super().__init__()
+        if tokens_only and (not token_len or save_hidden):
+            raise ValueError("tokens_only needs token_len and no save_hidden")
         self.num_frames, self.token_len, self.save_hidden = num_frames, token_len, save_hidden
+        self.tokens_only = tokens_only
         extra = token_len or 0
         self.pos_embedding = nn.Parameter(torch.randn(1, num_frames + extra, dim))
         self.extra_token = nn.Parameter(torch.zeros(1, token_len, dim)) if token_len else None
@@ -158,7 +170,7 @@ class TokenTransformer(nn.Module):
         if self.extra_token is not None:
             x = torch.cat([self.extra_token.expand(b, -1, -1), x], dim=1)
         x = x + self.pos_embedding[:, : x.shape[1]]
-        return self.encoder(x, self.save_hidden)
+        return self.encoder(x, self.save_hidden, keep_rows=self.token_len if self.tokens_only else None)
 
 
 class CrossTransformerEncoder(nn.Module):
