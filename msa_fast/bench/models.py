@@ -149,7 +149,9 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
     elif mode == "train":
         model.train()
         model.prepare_epoch(1, batch)  # the batch is the whole "train split" (DashFusion's partner pools)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        from ..train import adamw  # the trainer's optimizer (fused AdamW where available), for every backend
+
+        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
         def call():
             opt.zero_grad(set_to_none=True)
