@@ -476,6 +476,7 @@ class Trainer:
             "rng": _rng_state(), "best_value": self.best_value, "best_epoch": self.best_epoch,
             "history": json.loads(json.dumps(self.history)), "test_best": dict(self.test_best),
             "finished": self.finished, "train_config": _plain(asdict(self.cfg)),
+            "epoch_state": self.model.epoch_state() if hasattr(self.model, "epoch_state") else {},
         }
         atomic_save(state, self.last_path)
 
@@ -492,6 +493,8 @@ class Trainer:
             if state.get(key) != mine:
                 raise ValueError(f"resume: checkpoint {path} has {key}={state.get(key)!r}, this run has {mine!r}")
         self.model.load_state_dict(state["model"])
+        if state.get("epoch_state") and hasattr(self.model, "load_epoch_state"):
+            self.model.load_epoch_state(state["epoch_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])

@@ -457,3 +457,42 @@ def test_bench_factory_runs():
     with torch.no_grad():
         out = model(batch)
     assert out["M"].shape == (2,) and torch.isfinite(out["M"]).all()
+
+
+def test_trainer_resume_after_an_odd_epoch_reuses_the_saved_partner_pools(tmp_path):
+    """Pools are built on odd epochs only: a run interrupted after epoch 1 and resumed must train epoch 2 with the
+    epoch-1 pools (kept in last.pt via epoch_state), giving exactly the uninterrupted run's history."""
+    from msa_fast.data.synthetic import synthetic
+    from msa_fast.train import Trainer, TrainConfig
+
+    data = synthetic("mosi", n_train=48, n_valid=16, n_test=16, seed=3, text_features=True)
+    splits = {s: _shrink(data[s], 12, 12) for s in ("train", "valid", "test")}
+
+    class Stop(Exception):
+        pass
+
+    def model():
+        torch.manual_seed(0)
+        return _tiny(audio_len=12, vision_len=12, epochs=3, text_dim=768, vision_dim=20)
+
+    def trainer(ck, **kw):
+        cfg = TrainConfig(epochs=3, batch_size=16, quiet=True, seed=5, early_stop=10, checkpoint_dir=str(ck),
+                          **{k: v for k, v in kw.items() if k == "resume"})
+        return Trainer(model(), splits["train"], splits["valid"], splits["test"], cfg,
+                       on_epoch_end=kw.get("on_epoch_end"))
+
+    full = trainer(tmp_path / "full").fit()
+
+    def stop_after_1(trainer_, epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        trainer(tmp_path / "cut", on_epoch_end=stop_after_1).fit()
+    saved = torch.load(next((tmp_path / "cut").rglob("last.pt")), weights_only=True)
+    assert set(saved["epoch_state"]["partner_pools"]) == {"ss", "sd", "dd"}
+    torch.manual_seed(123)  # disturb the global RNG: resume restores it
+    resumed = trainer(tmp_path / "cut", resume=True).fit()
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full["history"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]] == strip
+    assert resumed["test"] == full["test"]

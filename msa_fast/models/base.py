@@ -43,6 +43,17 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     def prepare_epoch(self, epoch: int, train_data: Any) -> None:
         """Hook called by the trainer before each training epoch (default: nothing)."""
 
+    def epoch_state(self) -> dict[str, Any]:
+        """What ``prepare_epoch`` carries from one epoch to the next besides parameters and buffers (e.g.
+        DashFusion's partner pools, rebuilt only on odd epochs); the trainer stores it in ``last.pt`` so a resumed
+        run continues exactly. Default: nothing."""
+        return {}
+
+    def load_epoch_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``epoch_state`` returned (default: nothing to restore)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no epoch state, got keys {sorted(state)}")
+
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} has no official state_dict mapping")
 

@@ -244,6 +244,18 @@ class DashFusion(MSAModel):
                 window_bottom=c["partner_window_bottom"])
         self.partner_generator.manual_seed((int(self.config["partner_seed"]) * 100_003 + int(epoch)) % 2**63)
 
+    def epoch_state(self) -> dict[str, Any]:
+        """The partner pools: built on odd epochs from the model of that moment, used again on the next (even)
+        epoch, so a run resumed after an odd epoch needs them (rebuilding would use later weights)."""
+        return {} if self.partner_pools is None else {"partner_pools": dict(self.partner_pools)}
+
+    def load_epoch_state(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state) - {"partner_pools"}
+        if unknown:
+            raise ValueError(f"DashFusion epoch state has unknown keys {sorted(unknown)}")
+        pools = state.get("partner_pools")
+        self.partner_pools = None if pools is None else {k: v.clone() for k, v in pools.items()}
+
     @torch.no_grad()
     def encode_split(self, split: SplitRows, batch_size: int = 128) -> tuple[Tensor, Tensor]:
         """Pooled features (N, 3d) = cat(t̄, v̄, ā) (official order, eval mode, batches of 128) and labels (N,)."""
