@@ -33,8 +33,9 @@ Protocol (MMSA conventions, spec kernels_and_toolchain.md §6, with its pipeline
   DashFusion's official no-decay rule), else one group. ``lr`` / ``weight_decay`` from the trainer arguments, else
   the model config (``lr`` or ``learning_rate``; ``weight_decay``), else 1e-3 / 0. ``bert_lr`` (config ``bert_lr`` or
   MMSA's ``learning_rate_bert``) gives parameters whose name contains ``bert`` their own lr. Schedule (stepped per
-  batch): linear warm-up over ``warmup_epochs`` (config ``warmup_epochs``, or ``warmup_ratio`` × epochs), then
-  ``lr_schedule`` = ``constant`` (default) | ``linear`` (decay to 0) | ``cosine``.
+  batch, or per epoch with ``schedule_step="epoch"`` as LNLN's official recipe): linear warm-up over
+  ``warmup_epochs`` (config ``warmup_epochs``, or ``warmup_ratio`` × epochs), then ``lr_schedule`` = ``constant``
+  (default) | ``linear`` (decay to 0) | ``cosine``.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ class TrainConfig:
     epochs [config ``epochs``; None = until early stop], batch_size [``batch_size``; 32], eval_batch_size
     [``eval_batch_size``; = batch_size], lr [``lr`` / ``learning_rate``; 1e-3], weight_decay [``weight_decay``;
     0], bert_lr [``bert_lr`` / ``learning_rate_bert``; = lr], warmup_epochs [``warmup_epochs`` or
-    ``warmup_ratio``·epochs; 0], lr_schedule [``lr_schedule``; "constant"], early_stop [``early_stop`` /
+    ``warmup_ratio``·epochs; 0], lr_schedule [``lr_schedule``; "constant"], schedule_step ("batch" | "epoch")
+    [``schedule_step``; "batch"], early_stop [``early_stop`` /
     ``patience``; 8], key_eval [``KeyEval`` / ``key_eval`` / ``checkpoint_metric``; "Loss"], grad_clip (norm)
     [``grad_clip``; none], grad_clip_value (element-wise) [``grad_clip_value``; none], adam_epsilon
     [``adam_epsilon``; 1e-8], reset_optimizer_each_epoch [``reset_optimizer_each_epoch``; False — HME's official
@@ -101,6 +103,7 @@ class TrainConfig:
     bert_lr: Optional[float] = None
     warmup_epochs: Optional[float] = None
     lr_schedule: Optional[str] = None
+    schedule_step: Optional[str] = None
     early_stop: Optional[int] = None
     key_eval: Optional[str] = None
     grad_clip: Optional[float] = None
@@ -144,6 +147,7 @@ class TrainConfig:
             else:
                 c.warmup_epochs = 0.0
         c.lr_schedule = pick(c.lr_schedule, ("lr_schedule",), "constant")
+        c.schedule_step = pick(c.schedule_step, ("schedule_step",), "batch")
         c.early_stop = pick(c.early_stop, ("early_stop", "patience"), 8)
         c.key_eval = pick(c.key_eval, ("KeyEval", "key_eval", "checkpoint_metric"), "Loss")
         c.grad_clip = pick(c.grad_clip, ("grad_clip",), None)
@@ -170,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {self.lr_schedule!r}")
+        if self.schedule_step not in ("batch", "epoch"):
+            raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {self.schedule_step!r}")
         if self.lr_schedule != "constant" and self.epochs is None:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} needs a fixed number of epochs")
         if self.select_on not in ("valid", "test_per_metric"):
@@ -319,7 +325,10 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-batch ``LambdaLR``: linear warm-up over ``warmup_epochs``, then constant / linear decay / cosine."""
+    """``LambdaLR`` stepped per batch (or per epoch when ``cfg.schedule_step == "epoch"``): linear warm-up over
+    ``warmup_epochs``, then constant / linear decay / cosine."""
+    if cfg.schedule_step == "epoch":
+        steps_per_epoch = 1
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = cfg.epochs * steps_per_epoch if cfg.epochs is not None else None
     schedule = cfg.lr_schedule
@@ -533,12 +542,15 @@ class Trainer:
             if self.cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.grad_clip))
             self.optimizer.step()
-            self.scheduler.step()
+            if self.cfg.schedule_step == "batch":
+                self.scheduler.step()
             loss_sum += float(loss.detach()) * batch.batch_size
             n += batch.batch_size
             preds.append(out["M"].detach().float().reshape(-1).cpu())
             truths.append(batch.labels.float().reshape(-1).cpu())
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        if self.cfg.schedule_step == "epoch":
+            self.scheduler.step()
         metrics = dict(compute_metrics(torch.cat(preds).numpy(), torch.cat(truths).numpy(), self.cfg.dataset))
         metrics["Loss"] = round(loss_sum / n, 4)
         return metrics

@@ -293,6 +293,27 @@ def test_warmup_schedule(schedule):
         assert all(x >= y for x, y in zip(after, after[1:])) and after[-1] < 0.1
 
 
+def test_per_epoch_schedule_keeps_the_lr_constant_within_an_epoch(data):
+    """schedule_step="epoch" (LNLN's official recipe): one scheduler step per epoch, after its last batch."""
+    cfg = TrainConfig(dataset="mosi", epochs=4, warmup_epochs=2, lr_schedule="cosine", schedule_step="epoch")
+    cfg = cfg.resolve({})
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warm-up epoch 1 of 2
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    seen = []
+    trainer = Trainer(_build("dummy_train"), data["train"], data["valid"], data["test"],
+                      _cfg(epochs=3, lr_schedule="cosine", warmup_epochs=1.0, schedule_step="epoch"),
+                      on_epoch_end=lambda t, e, r: seen.append(r["lr"]))
+    trainer.fit()
+    base = trainer.cfg.lr
+    assert seen == pytest.approx([base, base * 0.5, 0.0])  # lr of the next epoch: warm-up 1, cosine over 2
+    with pytest.raises(ValueError, match="schedule_step"):
+        TrainConfig(schedule_step="step").resolve({"dataset": "mosi"})
+
+
 def test_config_resolution_and_validation():
     cfg = TrainConfig().resolve({"dataset": "mosi", "learning_rate": 3e-4, "warmup_ratio": 0.5, "epochs": 10,
                                  "checkpoint_metric": "MAE", "grad_clip": -1.0})

@@ -140,6 +140,7 @@ class LNLN(MSAModel):
             # batch, the same curve at finer granularity)
             "learning_rate": 1e-4, "weight_decay": 1e-4, "batch_size": 64, "epochs": 200, "warmup_ratio": 0.1,
             "lr_schedule": "cosine",
+            "schedule_step": "epoch",  # official: warm-up + cosine stepped once per epoch
             "seeds": [1111, 1112, 1113], "eval_missing_rate": 0.5,
         },
         "mosi": {"fusion_depth": 2},
