@@ -63,8 +63,8 @@ from .metrics import compute_metrics, results_row, write_results_csv
 
 __all__ = [
     "TrainConfig", "Trainer", "MissingSchedule", "run", "evaluate", "load_data", "build_optimizer",
-    "build_scheduler", "atomic_save", "set_seed", "parse_overrides", "short_training_run", "add_parser",
-    "DEFAULT_SEEDS", "is_minimised",
+    "build_scheduler", "flatten_mmsa_config", "atomic_save", "set_seed", "parse_overrides", "short_training_run",
+    "add_parser", "DEFAULT_SEEDS", "is_minimised",
 ]
 
 DEFAULT_SEEDS = (1111, 1112, 1113, 1114, 1115)  # MMSA_run's default
@@ -716,6 +716,25 @@ def _split_overrides(model_name: str, dataset_name: str, overrides: Mapping[str,
     return model_over, train_over
 
 
+def flatten_mmsa_config(loaded: Mapping[str, Any], model_name: str, dataset_name: str,
+                        source: str = "config") -> dict[str, Any]:
+    """A flat dict of overrides from either a flat JSON object or MMSA's nested ``config_regression.json`` layout
+    ``{model: {"commonParams": {...}, "datasetParams": {dataset: {...}}}}`` (dataset params win over common ones).
+    A nested file without an entry for ``model_name`` is an error, not an empty override."""
+    nested = {k: v for k, v in loaded.items()
+              if isinstance(v, Mapping) and ({"commonParams", "datasetParams"} & set(v))}
+    if not nested:
+        return dict(loaded)
+    entry = next((v for k, v in nested.items() if k.lower() == model_name), None)
+    if entry is None:
+        raise ValueError(f"{source} is in MMSA's nested layout but has no entry for model {model_name!r} "
+                         f"(it has {sorted(nested)})")
+    out = dict(entry.get("commonParams", {}))
+    per_dataset = {k.lower(): v for k, v in entry.get("datasetParams", {}).items()}
+    out.update(per_dataset.get(dataset_name, {}))
+    return out
+
+
 def _needs_aligned(model_config: Mapping[str, Any]) -> bool:
     """Synthetic data in the word-aligned layout for models that read it (HME ``alignment="aligned"``, MMSA's
     ``need_data_aligned``)."""
@@ -750,7 +769,7 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
             loaded = json.load(f)
         if not isinstance(loaded, dict):
             raise ValueError(f"config_file {config_file!r} must hold a JSON object of overrides")
-        overrides.update(loaded)
+        overrides.update(flatten_mmsa_config(loaded, model_name, dataset_name, str(config_file)))
     overrides.update(dict(config or {}))
     model_over, train_over = _split_overrides(model_name, dataset_name, overrides)
     model_config = get_config(model_name, dataset_name, **model_over)
@@ -917,7 +936,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--key-eval", default=None, help="validation selection metric (default: model config, else Loss)")
     t.add_argument("--early-stop", type=int, default=None, help="patience in epochs (default: config, else 8)")
     t.add_argument("--out", default="msa_fast_runs", help="output folder: checkpoints/ and results/ (msa_fast_runs)")
-    t.add_argument("-c", "--config", default=None, help="JSON file of config overrides (model or trainer keys)")
+    t.add_argument("-c", "--config", default=None,
+                   help="JSON file of config overrides (model or trainer keys), flat or MMSA's nested "
+                        "config_regression.json layout")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (JSON values; bert=tiny = the tiny BERT config)")
     t.add_argument("--resume", action="store_true", help="continue each seed from its last.pt")

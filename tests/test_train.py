@@ -379,3 +379,16 @@ def test_short_training_run_beats_constant_predictor():
     test_mae = float(lines[-1].split("MAE ")[1].split()[0])
     const_mae = float(lines[-1].split("predictor ")[1].split(")")[0])
     assert test_mae < const_mae
+
+
+def test_mmsa_nested_config_file_is_flattened():
+    from msa_fast.train import flatten_mmsa_config
+
+    nested = {"lnln": {"commonParams": {"lr": 1e-4, "batch_size": 32},
+                       "datasetParams": {"MOSI": {"batch_size": 16}, "sims": {"lr": 5e-5}}},
+              "other": {"commonParams": {"lr": 1.0}}}
+    assert flatten_mmsa_config(nested, "lnln", "mosi") == {"lr": 1e-4, "batch_size": 16}
+    assert flatten_mmsa_config(nested, "lnln", "sims") == {"lr": 5e-5, "batch_size": 32}
+    assert flatten_mmsa_config({"lr": 3e-4}, "lnln", "mosi") == {"lr": 3e-4}  # flat files pass through
+    with pytest.raises(ValueError, match="no entry for model 'hme'"):
+        flatten_mmsa_config(nested, "hme", "mosi")
