@@ -97,6 +97,7 @@ class _Shard:
         self.ivf: Any = None  # CPU master IVF index (ids = our ids)
         self._ivf_gpu: Any = None
         self._flat: Any = None  # lazily built FAISS flat index over self.x (ids = row positions)
+        self._order: Optional[tuple[Tensor, Tensor]] = None  # sorted ids + positions (IVF-PQ exact re-rank)
         self._gpu_res: Any = None
 
     # -- storage ---------------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class _Shard:
         self._invalidate()
 
     def _invalidate(self) -> None:
+        self._order = None
         self._flat = None
         self._ivf_gpu = None
 
@@ -157,7 +159,10 @@ class _Shard:
         """q already normalised for cosine, on any device → (scores, ids) (nq, ≤k) on q.device."""
         k = min(k, len(self.ids))
         if approximate and self.ivf is not None:
-            s, i = self._search_ivf(q, k)
+            refine = self.o.refine if self.o.kind == "ivf_pq" else 1
+            s, i = self._search_ivf(q, min(len(self.ids), k * refine))
+            if refine > 1:
+                s, i = self._rerank_exact(q, i, k)
             s = s.masked_fill(i < 0, float("-inf") if self.o.metric != "l2" else float("inf"))  # lists ran dry
         else:
             s, pos = self._search_exact(q, k)
@@ -179,6 +184,25 @@ class _Shard:
         self.ivf.nprobe = o.nprobe
         d, i = self.ivf.search(_np(q), k)
         return torch.from_numpy(d), torch.from_numpy(i)
+
+    def _rerank_exact(self, q: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact scores of the candidate ids cand (nq, kk) (−1 = none) → the best k (scores, ids)."""
+        if self._order is None:  # id → row position via a sorted copy of the ids
+            self._order = torch.sort(self.ids)
+        sorted_ids, perm = self._order
+        cand = cand.to(self.ids.device)
+        loc = torch.searchsorted(sorted_ids, cand.clamp_min(0)).clamp_max(len(sorted_ids) - 1)
+        found = (cand >= 0) & (sorted_ids[loc] == cand)
+        rows = self.x[perm[loc]]  # (nq, kk, dim)
+        qd = q.to(self.x.device, torch.float32)
+        largest = self.o.metric != "l2"
+        if largest:
+            s = (rows @ qd[:, :, None]).squeeze(-1)
+        else:
+            s = ((rows - qd[:, None, :]) ** 2).sum(-1)
+        s = s.masked_fill(~found, float("-inf") if largest else float("inf"))
+        top, pos = s.topk(min(k, s.shape[1]), dim=1, largest=largest)
+        return top, torch.where(torch.isfinite(top), cand.gather(1, pos), torch.full_like(pos, -1))
 
     def _search_exact(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         engine = self.o._exact_engine_for(self, q, k)
@@ -243,14 +267,17 @@ class Index:
 
     Args: dim; metric "ip" | "cosine" | "l2"; kind "flat" | "ivf_flat" | "ivf_pq"; nlist (IVF lists; default from
     N at training: 4·√N rounded to a power of two, ≤ N/39); nprobe (IVF lists visited per query); pq_m / pq_nbits
-    (IVF-PQ sub-quantizers, default m = dim/4 or the largest divisor of dim below it, 8 bits); train_size (IVF
+    (IVF-PQ sub-quantizers, default m = dim/4 or the largest divisor of dim below it, 8 bits); refine (IVF-PQ:
+    fetch refine·k candidates from the compressed codes and re-rank them with exact scores against the stored
+    vectors, so the returned scores are exact and recall recovers; 1 = off, default 4); train_size (IVF
     training sample, default min(N, 64·nlist), for PQ at least 40·2^nbits); device (where the vectors live);
     devices (several → sharded); backend "auto" | "faiss" | "torch"; exact_engine "auto" | "torch" | "faiss".
     Results come back on the queries' device.
     """
 
     def __init__(self, dim: int, metric: str = "cosine", kind: str = "flat", *, nlist: Optional[int] = None,
-                 nprobe: int = 16, pq_m: Optional[int] = None, pq_nbits: int = 8, train_size: Optional[int] = None,
+                 nprobe: int = 16, pq_m: Optional[int] = None, pq_nbits: int = 8, refine: int = 4,
+                 train_size: Optional[int] = None,
                  device: DeviceLike = "cpu", devices: Optional[Sequence[DeviceLike]] = None, backend: str = "auto",
                  exact_engine: str = "auto", seed: int = 0):
         if not isinstance(dim, int) or dim <= 0:
@@ -261,6 +288,9 @@ class Index:
                 raise ValueError(f"{name} must be one of {allowed}, got {val!r}")
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        if not isinstance(refine, int) or refine < 1:
+            raise ValueError(f"refine must be an int >= 1, got {refine!r}")
+        self.refine = refine
         self.dim, self.metric, self.kind, self.seed = dim, metric, kind, seed
         self.nlist, self.nprobe, self.train_size = nlist, int(nprobe), train_size
         self.pq_m = pq_m or _default_pq_m(dim)
@@ -399,7 +429,8 @@ class Index:
     # -- persistence -----------------------------------------------------------------------------------------
     def config(self) -> dict:
         return dict(dim=self.dim, metric=self.metric, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe,
-                    pq_m=self.pq_m, pq_nbits=self.pq_nbits, train_size=self.train_size, seed=self.seed,
+                    pq_m=self.pq_m, pq_nbits=self.pq_nbits, refine=self.refine, train_size=self.train_size,
+                    seed=self.seed,
                     exact_engine=self.exact_engine, backend=self.backend,
                     devices=[str(s.device) for s in self._shards])
 
