@@ -117,12 +117,14 @@ def test_k_lengths_equals_mask():
 
 
 @pytest.mark.parametrize("masks", [False, True])
-def test_auto_route_matches_reference(masks):
+@pytest.mark.parametrize("lq, D", [(7, 16), (256, 64)])  # short queries: C++; >= SDPA_MIN_QUERY_ROWS: SDPA
+def test_auto_route_matches_reference(masks, lq, D):
     """backend="auto" (C++ kernel or, where measured faster, torch SDPA) incl. fully masked rows and gradients."""
-    q, k, v, kpm, qpm = _case(3, 2, 7, 70, 16, "cpu")
+    q, k, v, kpm, qpm = _case(3, 2, lq, 70, D, "cpu")
     kpm, qpm = (kpm, qpm) if masks else (None, None)
     compare_with_reference(lambda q, k, v: attention(q, k, v, key_padding_mask=kpm, query_padding_mask=qpm),
-                           lambda q, k, v: attention_ref(q, k, v, kpm, qpm), [q, k, v], torch.float32, name="auto")
+                           lambda q, k, v: attention_ref(q, k, v, kpm, qpm), [q, k, v], torch.float32,
+                           name=f"auto Lq={lq} D={D}")
 
 
 def test_dropout_without_kernel_dropout_uses_the_reference_and_backprops():
