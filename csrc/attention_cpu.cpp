@@ -18,6 +18,11 @@
 #include <vector>
 
 #include "counter_rng.h"
+#include "poison.h"
+
+namespace msa_fast {
+torch::Tensor dropout_apply(torch::Tensor x, double p, int64_t seed);  // dropout_cpu.cpp
+}  // namespace msa_fast
 
 namespace {
 
@@ -382,14 +387,7 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-// Test hook: when set, every output allocated with empty() is filled with NaN first, so an element a kernel forgets
-// to write shows up in the tests (torch::empty is not visible to Python monkeypatching).
-bool g_poison = false;
-
-torch::Tensor maybe_poison(torch::Tensor t) {
-  if (g_poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
+using msa_fast::maybe_poison;
 
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -665,8 +663,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward, "segmented attention backward (same dropout seed) -> (dq, dk, dv)");
   m.def("bottleneck_forward", &bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
   m.def("bottleneck_backward", &bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
+  m.def("dropout_apply", &msa_fast::dropout_apply, "x * keep(seed, n) / (1 - p) (counter RNG; also the backward)");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");
   m.def("masked_mean_backward", &masked_mean_backward, "masked mean backward");
-  m.def("set_poison", [](bool on) { g_poison = on; }, "test hook: fill outputs with NaN before the kernels run");
+  m.def("set_poison", [](bool on) { msa_fast::g_poison = on; }, "test hook: fill outputs with NaN before the kernels run");
   m.def("num_threads", []() { return at::get_num_threads(); });
 }

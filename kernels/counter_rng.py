@@ -30,14 +30,26 @@ def row_counter(row, Lk):
 
 
 @triton.jit
+def keep_bits(lo, hi, seed_lo, seed_hi):
+    """bits(seed, n) for uint32 counter halves lo / hi (seed halves: int64 scalars in [0, 2³²))."""
+    return fmix32(fmix32(lo ^ seed_lo.to(tl.uint32)) ^ (seed_hi.to(tl.uint32) ^ (hi * 0x9E3779B1)))
+
+
+@triton.jit
 def dropout_scale(row_lo, row_hi, col, seed_lo, seed_hi, keep_thr, inv_keep):
     """1 / (1 − p) where element (row, col) — counter row_lo/row_hi (``row_counter``) + col — is kept, else 0 (fp32);
     broadcasts row_* against col. 32-bit arithmetic only (a carry instead of int64 counters keeps the register
     budget of the attention tiles). seed_lo / seed_hi: the seed's 32-bit halves; keep_thr = floor(p·2³²)."""
     lo = row_lo + col.to(tl.uint32)  # wraps mod 2³²
     hi = row_hi + (lo < row_lo).to(tl.uint32)  # carry into the high word
-    h = fmix32(fmix32(lo ^ seed_lo.to(tl.uint32)) ^ (seed_hi.to(tl.uint32) ^ (hi * 0x9E3779B1)))
-    return tl.where(h >= keep_thr.to(tl.uint32), inv_keep, 0.0)
+    return tl.where(keep_bits(lo, hi, seed_lo, seed_hi) >= keep_thr.to(tl.uint32), inv_keep, 0.0)
+
+
+@triton.jit
+def flat_dropout_scale(n, seed_lo, seed_hi, keep_thr, inv_keep):
+    """``dropout_scale`` for int64 flat element counters n."""
+    bits = keep_bits(n.to(tl.uint32), (n >> 32).to(tl.uint32), seed_lo, seed_hi)
+    return tl.where(bits >= keep_thr.to(tl.uint32), inv_keep, 0.0)
 
 
 def dropout_args(dropout) -> tuple[int, int, int, float]:

@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import attention, bottleneck_exchange, masked_mean, multi_source_attention
+from ..ops import attention, bottleneck_exchange, dropout, masked_mean, multi_source_attention
 from ..nn.attention import merge_heads, split_heads
+from ..nn.dropout import Dropout
 
 
 def dropout_or_identity(p: float) -> nn.Module:
-    """``nn.Dropout(p)``, or ``nn.Identity`` for p = 0 (DashFusion's fusion dropout): saves a mask draw per call."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    """The fused ``Dropout(p)`` (an ``nn.Dropout``), or ``nn.Identity`` for p = 0 (DashFusion's fusion dropout):
+    saves a mask draw per call."""
+    return Dropout(p) if p > 0 else nn.Identity()
 
 
 def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -64,9 +66,9 @@ class PostLNEncoderLayer(nn.Module):
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         a = attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=p)
-        x = self.norm1(x + F.dropout(self.out_proj(merge_heads(a)), p, self.training))
-        ff = self.linear2(F.dropout(F.gelu(self.linear1(x)), p, self.training))
-        return self.norm2(x + F.dropout(ff, p, self.training))
+        x = self.norm1(x + dropout(self.out_proj(merge_heads(a)), p, self.training))
+        ff = self.linear2(dropout(F.gelu(self.linear1(x)), p, self.training))
+        return self.norm2(x + dropout(ff, p, self.training))
 
 
 class FrameEncoder(nn.Module):
@@ -85,7 +87,7 @@ class FrameEncoder(nn.Module):
         self.input_proj = nn.Linear(input_dim, d_model)
         self.cls_token = nn.Parameter(torch.ones(1, 1, d_model))
         self.pos_embedding = nn.Parameter(torch.zeros(1, n_frames + 1, d_model))
-        self.input_dropout = nn.Dropout(input_dropout)
+        self.input_dropout = Dropout(input_dropout)
         self.layers = nn.ModuleList(PostLNEncoderLayer(d_model, heads, ff_dim, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from ..data.alignment import word_align
 from ..data.batch import Batch
+from ..nn.dropout import Dropout
 from ..nn.text_encoder import build_bert
 from .base import MSAModel
 from .hme_layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
@@ -151,7 +152,7 @@ class HME(MSAModel):
         self.transformer_encoder_all = nn.TransformerEncoder(layer, c["final_layers"], enable_nested_tensor=False)
         self.fusion_all = nn.Sequential()
         self.fusion_all.add_module("fusion_layer_all", nn.Linear(4 * d, 2 * d))
-        self.fusion_all.add_module("fusion_layer_all_dropout", nn.Dropout(c["dropout"]))
+        self.fusion_all.add_module("fusion_layer_all_dropout", Dropout(c["dropout"]))
         self.fusion_all.add_module("fusion_layer_all_activation", nn.ReLU())
         self.fusion_all.add_module("fusion_layer_all_all", nn.Linear(2 * d, 1))
         self._init_like_official()

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import merge_heads, split_heads
+from ..nn.dropout import Dropout
 from ..ops import attention
+from ..ops import dropout as fused_dropout
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """F.dropout that skips the RNG entirely when it is a no-op (p = 0 or eval)."""
-    return F.dropout(x, p, True) if training and p > 0 else x
+    """The fused dropout op (counter RNG; ``F.dropout`` on the torch backend), skipping the RNG entirely when it is
+    a no-op (p = 0 or eval)."""
+    return fused_dropout(x, p, True) if training and p > 0 else x
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim * mult * 2), GEGLU(), nn.Linear(dim * mult, dim), nn.Dropout(0.0))
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult * 2), GEGLU(), nn.Linear(dim * mult, dim), Dropout(0.0))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -291,7 +294,7 @@ class _GateMLP(nn.Module):
         super().__init__()
         self.attention_mlp = nn.Sequential()
         self.attention_mlp.add_module("attention_mlp", nn.Linear(in_dim, hidden))
-        self.attention_mlp.add_module("attention_mlp_dropout", nn.Dropout(dropout))
+        self.attention_mlp.add_module("attention_mlp_dropout", Dropout(dropout))
         self.attention_mlp.add_module("attention_mlp_activation", nn.ReLU())
         self.fc_att = nn.Linear(hidden, n_out)
 

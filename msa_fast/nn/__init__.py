@@ -1,6 +1,7 @@
 """Neural-network layers on top of the fused ops (``msa_fast.ops``); parameter mappings in each module."""
 from .attention import CrossModalAttention, MultiSourceAttention, merge_heads, split_heads
 from .bottleneck import BottleneckFusion, BottleneckFusionLevel
+from .dropout import Dropout
 
-__all__ = ["BottleneckFusion", "BottleneckFusionLevel", "CrossModalAttention", "MultiSourceAttention",
+__all__ = ["BottleneckFusion", "BottleneckFusionLevel", "CrossModalAttention", "Dropout", "MultiSourceAttention",
            "merge_heads", "split_heads"]

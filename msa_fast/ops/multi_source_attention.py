@@ -20,10 +20,11 @@ Source = tuple[Tensor, Tensor, Optional[Tensor]]
 #: --full) SDPA's forward is ~10-35 % faster there, while the C++ kernel is faster for forward+backward and for D = 32.
 SDPA_MAX_HEAD_DIM = 16
 
-#: ... and every call (training too, any head dim, masked or not) with at least this many query rows: on long
+#: ... and every call (training too, any head dim, masked or not) with at least this many query rows and keys: on long
 #: self-attention torch's CPU flash kernel measured faster fwd+bwd than the C++ kernel (2 threads, quiet machine:
 #: D 64 / L 508 / B 16: 1.2-2.3x; D 16 / L 501: 1.1-1.6x; D 32 / L 501: 0.97-1.09x), while short query sets
-#: (text 50, bottleneck 8 rows) stay on the C++ kernel (equal or faster). Dropout never goes to SDPA: its CPU
+#: (text 50, bottleneck 8 rows) and short key sets (501 tokens attending to 8 bottleneck tokens: 1.25x slower in
+#: a DashFusion step) stay on the C++ kernel (equal or faster). Dropout never goes to SDPA: its CPU
 #: dropout falls back to the math path (7x slower than the C++ in-kernel dropout at DashFusion's encoder shape).
 SDPA_MIN_QUERY_ROWS = 256
 
@@ -31,14 +32,14 @@ SDPA_MIN_QUERY_ROWS = 256
 def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Tensor],
                        unmasked_single_source: bool = False) -> bool:
     """True when a plain backend="auto" (no use_backend / env override) picked the C++ backend for an fp32/fp64
-    call where SDPA measured faster: long query sets (``SDPA_MIN_QUERY_ROWS``), and with a small head dim inference
-    calls and training calls of one source without any mask (SDPA's unmasked fused backward beat the C++ kernel
-    there: 60 vs 73 ms fwd+bwd at D = 16). Callers never route dropout here."""
+    call where SDPA measured faster: long query and key sets (``SDPA_MIN_QUERY_ROWS``), and with a small head dim
+    inference calls and training calls of one source without any mask (SDPA's unmasked fused backward beat the C++
+    kernel there: 60 vs 73 ms fwd+bwd at D = 16). Callers never route dropout here."""
     if backend != "auto" or name != "cpp" or _dispatch._override() is not None:
         return False
     if q.dtype not in (torch.float32, torch.float64):
         return False
-    if q.shape[2] >= SDPA_MIN_QUERY_ROWS:
+    if min(t.shape[2] for t in tensors) >= SDPA_MIN_QUERY_ROWS:  # long queries and long key sets
         return True
     if not 0 < q.shape[-1] <= SDPA_MAX_HEAD_DIM:
         return False
