@@ -22,6 +22,8 @@
 
 namespace msa_fast {
 torch::Tensor dropout_apply(torch::Tensor x, double p, int64_t seed);  // dropout_cpu.cpp
+std::vector<torch::Tensor> row_topk(torch::Tensor s, std::vector<int64_t> bounds, int64_t k,
+                                    bool largest);  // partners_cpu.cpp
 }  // namespace msa_fast
 
 namespace {
@@ -664,6 +666,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bottleneck_forward", &bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
   m.def("bottleneck_backward", &bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
   m.def("dropout_apply", &msa_fast::dropout_apply, "x * keep(seed, n) / (1 - p) (counter RNG; also the backward)");
+  m.def("row_topk", &msa_fast::row_topk, "row-wise top-k over column ranges -> (values, columns), best first");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");
   m.def("masked_mean_backward", &masked_mean_backward, "masked mean backward");
   m.def("set_poison", [](bool on) { msa_fast::g_poison = on; }, "test hook: fill outputs with NaN before the kernels run");

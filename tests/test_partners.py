@@ -61,3 +61,27 @@ def test_bad_input():
         label_aware_partners(x, y, k=0)
     with pytest.raises(ValueError, match="non-empty"):
         label_aware_partners(torch.zeros(0, 4), torch.zeros(0))
+
+
+@pytest.mark.parametrize("k, largest, bounds", [
+    (7, True, [0, 300]), (64, False, [0, 40, 90, 2000]), (700, True, [5, 1900]), (20, True, [10, 12, 50, 51]),
+    (300, False, [0, 2000]),
+])
+def test_cpp_row_topk_equals_torch_topk(k, largest, bounds):
+    """The C++ selection (sampled threshold + exact fallback) vs torch.topk on distinct values; short rows padded."""
+    from msa_fast import _ext
+
+    lib = _ext.cpp_extension()
+    if lib is None or not hasattr(lib, "row_topk"):
+        pytest.skip("msa_fast._C (row_topk) not built")
+    g = torch.Generator().manual_seed(k)
+    s = torch.stack([torch.randperm(2000, generator=g).float() / 7 for _ in range(33)])  # distinct per row
+    s[3] = -s[3]
+    vals, idx = lib.row_topk(s, bounds, k, largest)
+    cols = torch.cat([torch.arange(a, e) for a, e in zip(bounds[::2], bounds[1::2])])
+    kk = min(k, len(cols))
+    rv, ri = s[:, cols].topk(kk, dim=1, largest=largest)
+    assert torch.equal(vals[:, :kk], rv) and torch.equal(idx[:, :kk], cols[ri])
+    assert (idx[:, kk:] == -1).all() and torch.isinf(vals[:, kk:]).all()
+    with pytest.raises(RuntimeError, match="bounds out of range"):
+        lib.row_topk(s, [0, 2001], k, largest)

@@ -19,6 +19,8 @@ top-k / bottom-k of the other classes. Windows are checked by counting similarit
 ``rank_index_bug=True`` needs the rank positions themselves: the sorted top / bottom K = 64 of each row are scanned,
 deepening (K × 4) for rows that do not fill their pools (rare labels) until the window is covered. Both equal a scan
 of the full sort up to the order of exactly tied similarities (which ``torch.sort`` leaves unspecified too).
+On CPU the top-k selections run in the C++ ``row_topk`` (one pass per row over column ranges, ties by column),
+elsewhere ``torch.topk`` on slices.
 """
 from __future__ import annotations
 
@@ -97,8 +99,20 @@ def _class_sliced(x: Tensor, lab: Tensor, k: int, w_top: int, w_bot: int, block:
     return {kind: v.cpu() for kind, v in out.items()}
 
 
+def _row_topk_kernel(s: Tensor):
+    """The C++ ``row_topk`` (one pass per row over column ranges, OpenMP) for float32 CPU blocks, else None."""
+    if s.device.type != "cpu" or s.dtype != torch.float32:
+        return None
+    from .._ext import cpp_extension
+
+    return getattr(cpp_extension(), "row_topk", None)
+
+
 def _topk_slices(s: Tensor, slices: list[tuple[int, int]], k: int, largest: bool) -> tuple[Tensor, Tensor]:
     """Top-k over the union of column slices of s (b, N) → (values, column indices) (b, k), −1 / ∓inf padded."""
+    kernel = _row_topk_kernel(s)
+    if kernel is not None:
+        return kernel(s, [c for sl in slices for c in sl], k, largest)
     fill = float("-inf") if largest else float("inf")
     vals, idxs = [], []
     for c0, c1 in slices:
@@ -175,7 +189,7 @@ def _scan(sim: Tensor, rows: Tensor, lab: Tensor, k: int, window: int, descendin
     kk = min(_FIRST_K, n)
     while len(todo) and window > 0:
         depth = min(kk, window)
-        _, idx = sim[todo].topk(depth, dim=1, largest=descending, sorted=True)
+        _, idx = _topk_slices(sim[todo], [(0, n)], depth, descending)
         s_pool, d_pool, done = _scan_lists(idx, rows[todo], lab, k, window, descending, rank_index_bug, n)
         same_out[todo], diff_out[todo] = s_pool, d_pool
         todo = todo[~done]
