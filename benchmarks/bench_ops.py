@@ -13,7 +13,7 @@ from msa_fast.bench.ops import MOSI, TINY, _step, make_case
 
 SHAPE = MOSI if os.environ.get("MSA_FAST_BENCH_FULL") == "1" else TINY
 CASES = [("attention", 16, 0), ("attention", 32, 0), ("multi_source", 16, 0), ("bottleneck", 16, 8),
-         ("bottleneck", 16, 4), ("masked_mean", 16, 0)]
+         ("bottleneck", 16, 4), ("masked_mean", 16, 0), ("self_attention_dropout", 16, 0), ("dropout", 16, 0)]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

@@ -367,10 +367,14 @@ void attend_rows_bwd(const T* q, int nr, const T* k, const T* v, const bool* kva
                      const Dropout* drop = nullptr, uint64_t row_base = 0) {
   if constexpr (std::is_same_v<T, float>) {
     switch (D) {
-      case 12: return bwd_impl<T, 12>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
-      case 16: return bwd_impl<T, 16>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
-      case 32: return bwd_impl<T, 32>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
-      case 64: return bwd_impl<T, 64>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 12:
+        return bwd_impl<T, 12>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 16:
+        return bwd_impl<T, 16>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 32:
+        return bwd_impl<T, 32>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
+      case 64:
+        return bwd_impl<T, 64>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
       default: break;
     }
   }
@@ -661,7 +665,8 @@ torch::Tensor masked_mean_backward(torch::Tensor valid, torch::Tensor dout, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "msa_fast CPU kernels (OpenMP): segmented attention, bottleneck exchange, masked mean";
-  m.def("attention_forward", &attention_forward, "segmented attention forward (optional counter-RNG dropout on P) -> (out, lse, o_src)");
+  m.def("attention_forward", &attention_forward,
+        "segmented attention forward (optional counter-RNG dropout on P) -> (out, lse, o_src)");
   m.def("attention_backward", &attention_backward, "segmented attention backward (same dropout seed) -> (dq, dk, dv)");
   m.def("bottleneck_forward", &bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
   m.def("bottleneck_backward", &bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
@@ -669,6 +674,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_topk", &msa_fast::row_topk, "row-wise top-k over column ranges -> (values, columns), best first");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");
   m.def("masked_mean_backward", &masked_mean_backward, "masked mean backward");
-  m.def("set_poison", [](bool on) { msa_fast::g_poison = on; }, "test hook: fill outputs with NaN before the kernels run");
+  m.def("set_poison", [](bool on) { msa_fast::g_poison = on; },
+        "test hook: fill outputs with NaN before the kernels run");
   m.def("num_threads", []() { return at::get_num_threads(); });
 }

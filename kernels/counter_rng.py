@@ -37,8 +37,8 @@ def keep_bits(lo, hi, seed_lo, seed_hi):
 
 @triton.jit
 def dropout_scale(row_lo, row_hi, col, seed_lo, seed_hi, keep_thr, inv_keep):
-    """1 / (1 − p) where element (row, col) — counter row_lo/row_hi (``row_counter``) + col — is kept, else 0 (fp32);
-    broadcasts row_* against col. 32-bit arithmetic only (a carry instead of int64 counters keeps the register
+    """1 / (1 − p) where element (row, col) — counter row_lo/row_hi (``row_counter``) + col — is kept, else 0
+    (fp32); broadcasts row_* against col. 32-bit arithmetic only (a carry instead of int64 counters keeps the register
     budget of the attention tiles). seed_lo / seed_hi: the seed's 32-bit halves; keep_thr = floor(p·2³²)."""
     lo = row_lo + col.to(tl.uint32)  # wraps mod 2³²
     hi = row_hi + (lo < row_lo).to(tl.uint32)  # carry into the high word

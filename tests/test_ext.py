@@ -12,8 +12,8 @@ from msa_fast import _ext
 def test_extension_is_built_and_importable():
     lib = _ext.cpp_extension()
     assert lib is not None, "msa_fast._C did not import although MSA_FAST_REQUIRE_EXT=1"
-    for name in ("attention_forward", "attention_backward", "dropout_apply", "bottleneck_forward", "bottleneck_backward",
-                 "masked_mean_forward", "masked_mean_backward"):
+    for name in ("attention_forward", "attention_backward", "dropout_apply", "row_topk", "bottleneck_forward",
+                 "bottleneck_backward", "masked_mean_forward", "masked_mean_backward"):
         assert hasattr(lib, name), f"msa_fast._C lacks {name}"
 
 

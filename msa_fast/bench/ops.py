@@ -31,17 +31,18 @@ H100_FLOPS, H100_BW = 67e12, 3.35e12
 
 
 # ------------------------------------------------------------------------------------------------ providers
-def eager_attention(q, k, v, key_padding_mask=None, scale=None):
-    """The official composition: scores = q kᵀ·s; masked_fill(-inf); softmax; @ v."""
+def eager_attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0):
+    """The official composition: scores = q kᵀ·s; masked_fill(-inf); softmax; (dropout;) @ v."""
     s = torch.matmul(q, k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(F.dropout(p, dropout_p, True) if dropout_p > 0 else p, v)
 
 
-def sdpa_attention(q, k, v, key_padding_mask=None, scale=None):
+def sdpa_attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0):
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def _lengths_mask(B: int, L: int, g: torch.Generator, device) -> torch.Tensor:
@@ -69,6 +70,23 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
                  "triton": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, backend="triton")}
         inputs, qk = [q, k, v], t_len * v_len
         io = B * H * D * (2 * t_len + 2 * v_len) * el
+    elif op == "self_attention_dropout":  # DashFusion's vision encoder: 501 frames, attention dropout 0.5 (training)
+        q, k, v = rnd(B, H, v_len, D), rnd(B, H, v_len, D), rnd(B, H, v_len, D)
+        m = _lengths_mask(B, v_len, g, device) if masked else None
+        provs = {"eager": lambda q, k, v: eager_attention(q, k, v, m, dropout_p=0.5),
+                 "sdpa": lambda q, k, v: sdpa_attention(q, k, v, m, dropout_p=0.5),
+                 "cpp": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, dropout_p=0.5, backend="cpp"),
+                 "triton": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, dropout_p=0.5,
+                                                         backend="triton")}
+        inputs, qk = [q, k, v], v_len * v_len
+        io = B * H * D * 4 * v_len * el
+    elif op == "dropout":  # p = 0.1 on (B, frames, H·D) activations
+        x = rnd(B, v_len, H * D)
+        provs = {"eager": lambda x: F.dropout(x, 0.1, True),
+                 "cpp": lambda x: ops.dropout(x, 0.1, backend="cpp"),
+                 "triton": lambda x: ops.dropout(x, 0.1, backend="triton")}
+        return dict(inputs=[x], providers=provs, flops=x.numel(), bytes_fused=2 * x.numel() * el,
+                    bytes_eager=4 * x.numel() * el)  # eager also writes and reads the mask
     elif op == "multi_source":  # text queries over audio and vision, one softmax each
         q = rnd(B, H, t_len, D)
         ka, va, kv_, vv = rnd(B, H, a_len, D), rnd(B, H, a_len, D), rnd(B, H, v_len, D), rnd(B, H, v_len, D)
@@ -173,6 +191,8 @@ def _cases(full: bool):
     for K in (8, 4):
         rows.append(("bottleneck", 16, K, True))
     rows.append(("masked_mean", 16, 0, True))
+    rows.append(("self_attention_dropout", 16, 0, True))
+    rows.append(("dropout", 16, 0, True))
     return shape, rows
 
 
@@ -225,8 +245,12 @@ def _formula(op, shape, D, K, el=4):
     if op == "masked_mean":
         n = B * v * H * D
         return dict(flops=n, bytes_fused=n * el, bytes_eager=3 * n * el)
+    if op == "dropout":
+        n = B * v * H * D
+        return dict(flops=n, bytes_fused=2 * n * el, bytes_eager=4 * n * el)
     qk, io = {"attention": (t * v, 2 * t + 2 * v), "multi_source": (t * (a + v), 2 * t + 2 * (a + v)),
-              "bottleneck": ((t + a + v) * K, 2 * (t + a + v) + 6 * K)}[op]
+              "bottleneck": ((t + a + v) * K, 2 * (t + a + v) + 6 * K),
+              "self_attention_dropout": (v * v, 4 * v)}[op]
     io *= B * H * D * el
     return dict(flops=4 * B * H * qk * D, bytes_fused=io, bytes_eager=io + 4 * B * H * qk * el)
 
@@ -259,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="also measure peak extra RSS per run (slow)")
-    parser.add_argument("--op", choices=["attention", "multi_source", "bottleneck", "masked_mean"], default=None)
+    parser.add_argument("--op", default=None, choices=["attention", "multi_source", "bottleneck", "masked_mean",
+                                                      "self_attention_dropout", "dropout"])
     parser.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
 
 
