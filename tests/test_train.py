@@ -301,6 +301,7 @@ def test_per_epoch_schedule_keeps_the_lr_constant_within_an_epoch(data):
     opt = torch.optim.AdamW([p], lr=1.0)
     sched = build_scheduler(opt, cfg, steps_per_epoch=5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warm-up epoch 1 of 2
+    opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
     seen = []
