@@ -210,3 +210,19 @@ def test_mag_errors():
         read_mag({"train": rows}, tokenize=lambda w: [500])
     with pytest.raises(ValueError, match="aligned layout"):
         to_mag(synthetic("mosi", 2, 2, 2))
+
+
+def test_pickles_load_as_data_only(small, tmp_path):
+    import os
+
+    from msa_fast.data import UnsafePickleError
+
+    class Evil:
+        def __reduce__(self):
+            return os.getcwd, ()
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(dict(small, extra=Evil()), protocol=4))
+    with pytest.raises(UnsafePickleError, match=r"'(posix|nt)\.getcwd'.*trusted=True.*--trust-pickle"):
+        load_mmsa(path)  # refused as such, not reported as an unreadable file
+    assert list(load_mmsa(path, trusted=True)) == ["train", "valid", "test"]

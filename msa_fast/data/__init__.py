@@ -21,6 +21,8 @@ from .missing import (
     parse_missing,
 )
 from .mmsa import load_mmsa, validate_split
+from .preflight import PreflightError, PreflightResult, preflight, preflight_problems
+from .safe_pickle import UnsafePickleError, safe_load, safe_loads
 from .specs import DATASETS, DatasetSpec, get_dataset_spec
 from .synthetic import save_mmsa, synthetic
 
@@ -32,4 +34,6 @@ __all__ = [
     "MissingProtocol", "TokenErasure", "ModalityDrop", "PatternAvailability", "parse_missing", "PATTERNS",
     "INCOMPLETE_PATTERNS", "generate_missing_matrix", "official_lnln_masks",
     "DATASETS", "DatasetSpec", "get_dataset_spec",
+    "safe_load", "safe_loads", "UnsafePickleError",
+    "preflight", "preflight_problems", "PreflightResult", "PreflightError",
 ]

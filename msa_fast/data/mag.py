@@ -18,13 +18,12 @@ Tokenisation: pass ``tokenize(word) -> list[int]`` (e.g. a Hugging Face tokenize
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from .mmsa import load_mmsa
+from .mmsa import load_mmsa, read_pickle
 from .synthetic import CLS_ID, SEP_ID
 
 __all__ = ["read_mag", "to_mag", "synthetic_vocab_tokenize"]
@@ -43,19 +42,22 @@ def synthetic_vocab_tokenize(word: str) -> list[int]:
 
 
 def read_mag(path_or_dict: str | os.PathLike | Mapping[str, Any], splits: Iterable[str] = ("train", "dev", "test"),
-             tokenize: Optional[Callable[[str], list[int]]] = None, max_seq_length: int = 50) -> dict:
-    """Read a MAG-BERT pickle (path or dict) into a validated MMSA dict ``{train, valid, test}``."""
+             tokenize: Optional[Callable[[str], list[int]]] = None, max_seq_length: int = 50, *,
+             trusted: bool = False) -> dict:
+    """Read a MAG-BERT pickle (path or dict) into a validated MMSA dict ``{train, valid, test}``.
+
+    ``trusted``: unpickle with Python's full unpickler; by default only data globals are admitted and anything else
+    raises ``UnsafePickleError`` (``msa_fast.data.safe_pickle``). Pass ``True`` only for files you trust.
+    """
     if isinstance(path_or_dict, Mapping):
         raw = path_or_dict
     else:
         path = os.fspath(path_or_dict)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
-        try:
-            with open(path, "rb") as f:
-                raw = pickle.load(f)
-        except Exception as err:
-            raise ValueError(f"{path}: cannot read the pickle ({type(err).__name__}: {err})") from None
+        raw = read_pickle(path, trusted)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{path}: expected a dict of splits, found {type(raw).__name__}")
     tokenize = tokenize or synthetic_vocab_tokenize
     if max_seq_length < 3:
         raise ValueError(f"max_seq_length must be >= 3, got {max_seq_length}")

@@ -15,14 +15,19 @@ found. Conversions (all documented, all counted in the optional report):
   right padding when ``padding="auto"``; data that is neither raises.
 
 Unknown keys (``annotations``, ``classification_labels``, ``prompt``, ...) are passed through untouched.
+
+Files are unpickled by ``msa_fast.data.safe_pickle.safe_load``: only numpy arrays / dtypes / scalars and builtin
+containers are admitted, a pickle naming any other global (code) raises ``UnsafePickleError``; ``trusted=True``
+(``--trust-pickle``) uses Python's full unpickler for files you trust.
 """
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
+
+from .safe_pickle import UnsafePickleError, safe_load
 
 __all__ = ["load_mmsa", "validate_split", "FEATURE_KEYS", "LABEL_KEYS", "PER_SAMPLE_KEYS"]
 
@@ -41,6 +46,8 @@ def load_mmsa(
     splits: Iterable[str] = ("train", "valid", "test"),
     padding: Padding = "auto",
     return_report: bool = False,
+    *,
+    trusted: bool = False,
 ):
     """Read and validate an MMSA pickle (path) or an already loaded dict.
 
@@ -51,6 +58,10 @@ def load_mmsa(
             consistently left-padded, it is shifted to right padding; ``"right"`` = require right padding;
             ``"left"`` = the file is left-padded, shift it; ``"ignore"`` = no check (frames beyond the length are
             kept as they are).
+        trusted: unpickle with Python's full unpickler. By default only data (numpy arrays, builtin containers)
+            is admitted and a pickle naming any other global raises ``UnsafePickleError`` (see
+            ``msa_fast.data.safe_pickle``): a pickle can run code when loaded, so pass ``True`` only for files you
+            trust (``--trust-pickle`` on the command line).
         return_report: also return ``{split: {"n": N, "audio_nonfinite": count, "vision_nonfinite": count,
             "audio_padding": "right"|"left"|"full"|"unchecked", ...}}``.
 
@@ -58,11 +69,12 @@ def load_mmsa(
         ``{split: {key: np.ndarray | list}}`` with MMSA's keys; with ``return_report`` a ``(data, report)`` tuple.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: anything malformed (one line naming split and key).
+        FileNotFoundError: no such file. UnsafePickleError (a ValueError): the pickle references code, not data
+        (and ``trusted`` is false). ValueError: anything malformed (one line naming split and key).
     """
     if padding not in ("auto", "right", "left", "ignore"):
         raise ValueError(f"padding must be 'auto', 'right', 'left' or 'ignore', got {padding!r}")
-    raw = _read(path_or_dict)
+    raw = _read(path_or_dict, trusted)
     splits = tuple(splits)
     if not splits:
         raise ValueError("splits must name at least one split")
@@ -74,7 +86,7 @@ def load_mmsa(
     return (data, report) if return_report else data
 
 
-def _read(path_or_dict) -> Mapping[str, Any]:
+def _read(path_or_dict, trusted: bool = False) -> Mapping[str, Any]:
     if isinstance(path_or_dict, Mapping):
         return path_or_dict
     if not isinstance(path_or_dict, (str, os.PathLike)):
@@ -82,14 +94,20 @@ def _read(path_or_dict) -> Mapping[str, Any]:
     path = os.fspath(path_or_dict)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f)
-    except Exception as err:  # truncated file, not a pickle, missing class, ...
-        raise ValueError(f"{path}: cannot read the pickle ({type(err).__name__}: {err})") from None
+    raw = read_pickle(path, trusted)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a dict of splits, found {type(raw).__name__}")
     return raw
+
+
+def read_pickle(path: str, trusted: bool = False) -> Any:
+    """``safe_load`` a pickle file; unreadable files raise one ``ValueError`` line (``UnsafePickleError`` as is)."""
+    try:
+        return safe_load(path, trusted=trusted)
+    except UnsafePickleError:
+        raise
+    except Exception as err:  # truncated file, not a pickle, missing class, ...
+        raise ValueError(f"{path}: cannot read the pickle ({type(err).__name__}: {err})") from None
 
 
 def _fail(split: str, key: str, expected: str, found: str) -> ValueError:
