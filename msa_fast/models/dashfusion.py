@@ -7,20 +7,26 @@ over each anchor's 6 retrieved partners (anchors + 6·B partners all go through 
 
 Architecture quirks kept (parity): bottleneck tokens = the first 8 rows of H (no learned tokens); HBF attention
 with biased q/k/v, no output projection, scale 128^-½, LayerNorm on the sub-layer output before the residual;
-Multi_CA and TA = one softmax per source, outputs summed, **no padding masks** (text padding, padded frames and
-the zeroed padded rows all take part); encoder dropout 0.5; [CLS] ones-init; zero-init fixed-length position
+Multi_CA and TA = one softmax per source, outputs summed, **no frame padding masks** (padded frames and the zeroed
+padded rows take part; the frame count is fixed, so this does not depend on the batch); encoder dropout 0.5; [CLS] ones-init; zero-init fixed-length position
 embeddings (inputs must have exactly ``audio_len`` / ``vision_len`` frames); official HBF call swaps audio and
 vision (its ``encoder_a`` weights see vision — handled by ``load_official_state_dict``; the fused vector keeps the
 official order cat(bottleneck, text, vision, audio)).
 
 Text input: the official model tokenises ``raw_text`` inside ``forward`` and pads to the longest sample of the
 batch. Here the ids come from ``Batch.text_ids`` (MMSA ``text_bert``; ``use_text_features=True`` reads
-``Batch.text_features`` instead of running BERT) and every batch is cropped to L = its longest text: since text
-padding is not masked in TA/HBF, L changes the numbers, and this crop reproduces the official L exactly
-(the parity fixture's ``tokenized`` equals ``text_bert[:, :, :L]``). Deviation: MMSA ids are truncated at 50
-(SIMS 39) tokens, the official tokenizer at 128.
+``Batch.text_features`` instead of running BERT) and every batch is cropped to L = its longest text, the official
+L exactly (the parity fixture's ``tokenized`` equals ``text_bert[:, :, :L]``). Deviation: MMSA ids are truncated at
+50 (SIMS 39) tokens, the official tokenizer at 128.
 
 Pipeline bugs fixed by default, official behaviour behind a flag:
+- ``unmasked_text_padding`` (False): the official HBF has no text padding mask, so the padding up to the longest
+  text *of the batch* takes part as keys (level-0 self-attention over H, the Multi_CA gather from the text, and —
+  for texts shorter than 8 tokens — padded bottleneck rows in the bottleneck self-attention and the exchange):
+  a sample's prediction depends on which samples share its batch, and evaluation metrics change with the eval batch
+  size (or order). The default masks those keys (rows ≥ max(1, text length)), which gives every sample exactly what
+  the official model gives it alone (a batch of one: text cropped to its own length), whatever the batch. Training
+  uses the same rule. True = the official unmasked fusion (the parity fixture's batch-of-8 outputs).
 - ``rank_index_bug`` (False): the official partner pools hold rank positions used as sample indices
   (inherited from ConFEDE); the default uses the retrieved sample indices, self excluded.
 - ``mask_zero_frames`` (False): padding masks from ``*_lengths``; True = the official loader rule (frames whose
@@ -86,6 +92,7 @@ class DashFusion(MSAModel):
             "partner_window_top": 1.0,  # fraction of the ranking scanned for ss/sd (MOSI: all)
             "partner_window_bottom": 1.0,  # fraction scanned from the bottom for dd
             "mask_zero_frames": False,
+            "unmasked_text_padding": False,  # True: official, batch-dependent (see the module docstring)
             "prune_rows": True,
             "batch_size": 16,
             "lr": 5e-5,  # AdamW, one lr for everything (BERT fully fine-tuned)
@@ -169,9 +176,13 @@ class DashFusion(MSAModel):
         return out
 
     def fuse(self, enc: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """HBF + classifier on ``encode``'s outputs → {"hbf.*", "classifier": (B, 1), "M": (B,)}."""
+        """HBF + classifier on ``encode``'s outputs → {"hbf.*", "classifier": (B, 1), "M": (B,)}.
+
+        Text rows at or beyond a sample's text length (``text_encoder.valid``) are not keys in HBF unless
+        ``unmasked_text_padding`` (official): see the module docstring."""
+        lengths = None if self.config["unmasked_text_padding"] else enc["text_encoder.valid"].sum(dim=1)
         out = self.hbf(enc["temporal_alignment.H"], enc["text_encoder.all"], enc["audio_encoder.all"],
-                       enc["vision_encoder.all"], prune_rows=self.config["prune_rows"])
+                       enc["vision_encoder.all"], prune_rows=self.config["prune_rows"], text_lengths=lengths)
         out["classifier"] = self.classifier(out["hbf.fused"])
         out["M"] = out["classifier"].squeeze(-1)
         return out

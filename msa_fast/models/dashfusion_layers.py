@@ -4,9 +4,10 @@ Shapes: B batch, L_t text tokens, L_a / L_v audio / vision frames **including** 
 d = d_model (128), H heads, K bottleneck tokens (8 → 4 → 2).
 
 Every attention goes through ``msa_fast.ops``: the frame encoders use ``attention`` (key padding + dropout),
-temporal alignment and ``Multi_CA`` use ``multi_source_attention`` (one softmax per source, summed, no masks,
+temporal alignment and ``Multi_CA`` use ``multi_source_attention`` (one softmax per source, summed, no frame masks,
 as the official code), and the modality → bottleneck cross-attention of all three modalities is one
-``bottleneck_exchange`` call. Modalities are ordered (text, audio, vision) throughout; the official
+``bottleneck_exchange`` call. HBF masks text padding as keys when given the text lengths (DashFusion's default,
+see ``HierarchicalBottleneckFusion``); without them it is the official unmasked fusion. Modalities are ordered (text, audio, vision) throughout; the official
 argument swap (its ``encoder_a`` modules process vision) lives in the weight mapping of ``dashfusion.py``.
 """
 from __future__ import annotations
@@ -183,8 +184,10 @@ class PostNormAttentionBlock(nn.Module):
         x = x + self.attn_norm(merge_heads(attn_out))
         return x + self.ffn_norm(self.ffn(x))
 
-    def forward(self, x: Tensor, src: Tensor, n_queries: Optional[int] = None) -> Tensor:
-        """x (B, L, d) attends to src (B, S, d) → (B, L', d); ``n_queries`` keeps only the first rows of x.
+    def forward(self, x: Tensor, src: Tensor, n_queries: Optional[int] = None,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B, L, d) attends to src (B, S, d) → (B, L', d); ``n_queries`` keeps only the first rows of x;
+        ``key_padding_mask`` (B, S) bool True = the src row is not a key (None: every row is one, official).
 
         Only rows are independent here (attention per query row, then row-wise LN/FFN), so computing the first
         ``n_queries`` rows equals slicing the full output.
@@ -192,7 +195,7 @@ class PostNormAttentionBlock(nn.Module):
         if n_queries is not None:
             x = x[:, :n_queries]
         k, v = self.keys_values(src)
-        return self.finish(x, attention(self.queries(x), k, v, scale=self.scale))
+        return self.finish(x, attention(self.queries(x), k, v, key_padding_mask=key_padding_mask, scale=self.scale))
 
 
 class MultiSourceBottleneckGather(nn.Module):
@@ -215,11 +218,14 @@ class MultiSourceBottleneckGather(nn.Module):
         self.ffn = feed_forward(d_model, ff_dim, dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, query: Tensor, modalities: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """query (B, K, d); modalities (text, audio, vision) each (B, L_m, d) → (B, K, d)."""
+    def forward(self, query: Tensor, modalities: tuple[Tensor, Tensor, Tensor],
+                key_padding_masks: Optional[tuple[Optional[Tensor], ...]] = None) -> Tensor:
+        """query (B, K, d); modalities (text, audio, vision) each (B, L_m, d) → (B, K, d); ``key_padding_masks``:
+        one (B, L_m) bool (True = not a key) or None per modality (None: no masks, official)."""
         h = self.heads
-        sources = [(split_heads(k(x), h), split_heads(v(x), h), None)
-                   for k, v, x in zip(self.to_k, self.to_v, modalities)]
+        masks = key_padding_masks if key_padding_masks is not None else (None,) * len(modalities)
+        sources = [(split_heads(k(x), h), split_heads(v(x), h), m)
+                   for k, v, x, m in zip(self.to_k, self.to_v, modalities, masks)]
         out = self.norm1(query + merge_heads(multi_source_attention(split_heads(self.to_q(query), h), sources,
                                                                     scale=self.scale)))
         return self.norm2(out + self.ffn(out))
@@ -248,6 +254,12 @@ class HierarchicalBottleneckFusion(nn.Module):
     ``prune_rows=True`` (default) computes only the rows that are used, with identical results: the self-attention
     computes its ``keep`` query rows only (keys are still every row), and the last level updates only token 0 of
     each modality. ``prune_rows=False`` is the straightforward path (for tests).
+
+    ``text_lengths`` (B,) int (DashFusion's default): row j of the text / of H / of the bottleneck (the bottleneck
+    rows are H's first rows) is a key only for j < text_lengths — in the level-0 self-attention over H, the gather
+    from the text, the bottleneck self-attention and the modality → bottleneck exchange — so every sample gets what
+    it gets alone, with its text cropped to its own length (the official model, fed one sample). ``None``: the
+    official unmasked fusion, where padding up to the longest text of the batch takes part.
     """
 
     def __init__(self, d_model: int, heads: int, ff_dim: int, dropout: float, depth: int, n_bottleneck: int = 8):
@@ -257,28 +269,39 @@ class HierarchicalBottleneckFusion(nn.Module):
         self.n_bottleneck = n_bottleneck
         self.levels = nn.ModuleList(HBFLevel(d_model, heads, ff_dim, dropout) for _ in range(depth))
 
-    def forward(self, h: Tensor, text: Tensor, audio: Tensor, vision: Tensor,
-                prune_rows: bool = True) -> dict[str, Tensor]:
-        """h (B, L_t, d) aligned text; text/audio/vision (B, L_m, d) → {"fused": (B, 4d), per-level tensors}."""
+    def forward(self, h: Tensor, text: Tensor, audio: Tensor, vision: Tensor, prune_rows: bool = True,
+                text_lengths: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """h (B, L_t, d) aligned text; text/audio/vision (B, L_m, d); text_lengths (B,) or None (see the class
+        docstring) → {"fused": (B, 4d), per-level tensors}."""
         out: dict[str, Tensor] = {}
         mods = [text, audio, vision]
         query = h
         keep = self.n_bottleneck
         last = len(self.levels) - 1
+        if text_lengths is None:
+            def pad(rows: int) -> Optional[Tensor]:
+                return None
+        else:
+            lengths = text_lengths.to(h.device).clamp_min(1)[:, None]
+            positions = torch.arange(h.shape[1], device=h.device)[None]
+
+            def pad(rows: int) -> Optional[Tensor]:
+                return positions[:, :rows] >= lengths  # (B, rows) True = text padding (not a key)
         for lvl, level in enumerate(self.levels):
             if prune_rows:
-                query = level.query_self(query, query, n_queries=keep)
+                query = level.query_self(query, query, n_queries=keep, key_padding_mask=pad(query.shape[1]))
             else:
-                query = level.query_self(query, query)[:, :keep]
+                query = level.query_self(query, query, key_padding_mask=pad(query.shape[1]))[:, :keep]
             out[f"hbf.{lvl}.self"] = query
-            query = level.query_gather(query, tuple(mods))
+            query = level.query_gather(query, tuple(mods), (pad(mods[0].shape[1]), None, None))
             out[f"hbf.{lvl}.bottleneck"] = query
             if lvl == last and prune_rows:
                 mods = [m[:, :1] for m in mods]  # only token 0 of each modality is read after the last level
             blocks = level.exchange
             kv = [blk.keys_values(query) for blk in blocks]
             att = bottleneck_exchange([blk.queries(m) for blk, m in zip(blocks, mods)], [k for k, _ in kv],
-                                      [v for _, v in kv], scale=blocks[0].scale)
+                                      [v for _, v in kv], key_padding_mask=pad(query.shape[1]),
+                                      scale=blocks[0].scale)
             mods = [blk.finish(m, a) for blk, m, a in zip(blocks, mods, att)]
             for name, m in zip(MODALITY_ORDER, mods):
                 out[f"hbf.{lvl}.{name}" + (".token0" if lvl == last else "")] = m[:, :1] if lvl == last else m
