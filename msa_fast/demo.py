@@ -29,14 +29,11 @@ class Section:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="one-minute tour: synthetic data, inspection, baselines (and more sections)",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="mosi", choices=("mosi", "mosei", "sims"), help="shapes to copy (mosi)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller data (256/64/128) for a few-second run")
-    size.add_argument("--full", action="store_true", help="the real dataset's split sizes")
-    p.set_defaults(func=run_demo)
+    """Register ``msa-fast demo``; the parser lives in the torch-free ``msa_fast.demo_args`` (what ``msa_fast.cli``
+    uses, since this module imports torch)."""
+    from .demo_args import add_parser as _add_parser
+
+    _add_parser(sub)
 
 
 # ---- sections ------------------------------------------------------------------------------------------

@@ -206,19 +206,22 @@ def results_row(runs: Iterable[dict[str, float]]) -> dict[str, tuple[float, floa
 
 
 def write_results_csv(path: str | os.PathLike, model: str, rows: dict[str, tuple[float, float]]) -> None:
-    """Append one ``Model, metric...`` row (cells ``"(mean, std)"``) to ``path``, writing the header if new.
+    """Write the ``Model, metric...`` row of ``model`` (cells ``"(mean, std)"``) into ``path``, with the header if new.
 
-    An existing file must have the same columns (ValueError otherwise), as MMSA appends per model.
+    One row per model, as MMSA's table: other models' rows are kept, a row of the same model is replaced (re-running
+    or resuming a run never duplicates it). An existing file must have the same columns (ValueError otherwise). The
+    file is rewritten through a temporary file + ``os.replace``.
     """
     header = ["Model", *rows]
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    if exists:
+    kept: list[list[str]] = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
-            found = next(csv.reader(f), [])
-        if found != header:
-            raise ValueError(f"{path}: existing columns {found} differ from {header}")
-    with open(path, "a", newline="") as f:
+            found = list(csv.reader(f))
+        if found[0] != header:
+            raise ValueError(f"{path}: existing columns {found[0]} differ from {header}")
+        kept = [r for r in found[1:] if r and r[0] != model]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        if not exists:
-            writer.writerow(header)
-        writer.writerow([model, *(f"({m}, {s})" for m, s in rows.values())])
+        writer.writerows([header, *kept, [model, *(f"({m}, {s})" for m, s in rows.values())]])
+    os.replace(tmp, path)

@@ -60,6 +60,8 @@ from .data.batch import Batch
 from .data.dataset import MMSADataset, make_loader
 from .data.missing import MissingProtocol, ModalityDrop, PatternAvailability, TokenErasure, parse_missing
 from .metrics import compute_metrics, results_row, write_results_csv
+from .rundir import RunLock, RunLog, check_output_dir, clean_stale_temporaries
+from .train_args import DEFAULT_MISSING_SEED, SMOKE_EPOCHS, SMOKE_SIZES, SYNTHETIC_SIZES, smoke_requested
 
 __all__ = [
     "TrainConfig", "Trainer", "MissingSchedule", "run", "evaluate", "load_data", "build_optimizer",
@@ -68,8 +70,6 @@ __all__ = [
 ]
 
 DEFAULT_SEEDS = (1111, 1112, 1113, 1114, 1115)  # MMSA_run's default
-DEFAULT_MISSING_SEED = 1111  # MMSA's / LNLN's missing_seed
-SYNTHETIC_SIZES = {"n_train": 128, "n_valid": 64, "n_test": 64}
 _MINIMISED = ("loss", "mae")
 
 
@@ -119,6 +119,9 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # None = no checkpoints (best weights kept in memory)
     resume: bool = False
     quiet: bool = False
+    data_source: Optional[dict] = None  # recorded in checkpoints so ``eval`` re-reads the same data (see run)
+    save_predictions: bool = False  # fit() returns the test predictions (``result["predictions"]``)
+    log_file: Optional[str] = None  # every log line is appended here too (``run`` sets <out>/logs/<run>.log)
 
     def resolve(self, model_config: Mapping[str, Any]) -> "TrainConfig":
         """A copy with every ``None`` filled from ``model_config`` or the default, validated."""
@@ -237,15 +240,40 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def _load(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by this trainer, read with ``weights_only=True``; anything else (another file type, a
+    truncated or foreign ``.pt``) is a ValueError naming the file, never advice to unpickle it unsafely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir()
+                                                                             else ""))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors by case
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in first or "Unsupported global" in first:
+            first = "it holds objects other than tensors and plain values"
+        raise ValueError(f"{path} is not a readable msa-fast checkpoint (truncated, or not written by "
+                         f"msa-fast train): {first[:200]}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not an msa-fast checkpoint (expected best.pt / last.pt written by "
+                         f"msa-fast train, with 'model' and 'config')")
+    return state
 
 
 def _resolve_device(device: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` → ``torch.device``; ValueError naming the argument otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
@@ -444,7 +472,9 @@ class Trainer:
         self.test_best: dict[str, float] = {}  # select_on="test_per_metric" only
         self.start_epoch = 1
         self.finished = False
+        self.stop_reason: Optional[str] = None  # "max_epochs" | "early_stop" once finished
         self.ckpt_dir = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+        self._log_file = RunLog(self.cfg.log_file) if self.cfg.log_file else None
 
     # -- logging --
     def log(self, msg: str) -> None:
@@ -452,6 +482,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             tqdm.write(msg, file=sys.stdout)
+        if self._log_file is not None:
+            self._log_file.write(msg)
 
     def _progress(self, iterable, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -469,10 +501,13 @@ class Trainer:
         return self.ckpt_dir / "best.pt" if self.ckpt_dir else None
 
     def _model_record(self, epoch: int) -> dict:
+        """``best.pt``: the weights plus what ``eval`` needs to reproduce the test numbers without being told (data
+        source, missing-data protocol and its seed, evaluation batch size)."""
         return {"model": self.model.state_dict(), "model_name": getattr(self.model, "model_name", ""),
                 "dataset": self.cfg.dataset, "config": _plain(getattr(self.model, "config", {})), "epoch": epoch,
                 "key_eval": self.cfg.key_eval, "value": self.best_value, "seed": self.cfg.seed,
-                "missing": self.cfg.missing}
+                "missing": self.cfg.missing, "missing_seed": self.cfg.missing_seed,
+                "eval_batch_size": self.cfg.eval_batch_size, "data_source": _plain(self.cfg.data_source)}
 
     def _save_last(self, epoch: int) -> None:
         if self.ckpt_dir is None:
@@ -484,7 +519,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "epoch": epoch,
             "rng": _rng_state(), "best_value": self.best_value, "best_epoch": self.best_epoch,
             "history": json.loads(json.dumps(self.history)), "test_best": dict(self.test_best),
-            "finished": self.finished, "train_config": _plain(asdict(self.cfg)),
+            "finished": self.finished, "stop_reason": self.stop_reason, "train_config": _plain(asdict(self.cfg)),
+            "missing_seed": self.cfg.missing_seed, "eval_batch_size": self.cfg.eval_batch_size,
+            "data_source": _plain(self.cfg.data_source),
             "epoch_state": self.model.epoch_state() if hasattr(self.model, "epoch_state") else {},
         }
         atomic_save(state, self.last_path)
@@ -501,6 +538,7 @@ class Trainer:
                           ("seed", self.cfg.seed)):
             if state.get(key) != mine:
                 raise ValueError(f"resume: checkpoint {path} has {key}={state.get(key)!r}, this run has {mine!r}")
+        extend = self._check_resume_config(state, path)
         self.model.load_state_dict(state["model"])
         if state.get("epoch_state") and hasattr(self.model, "load_epoch_state"):
             self.model.load_epoch_state(state["epoch_state"])
@@ -510,9 +548,42 @@ class Trainer:
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.history, self.test_best = list(state["history"]), dict(state["test_best"])
         self.finished = bool(state["finished"])
+        self.stop_reason = state.get("stop_reason")
         self.start_epoch = int(state["epoch"]) + 1
+        if extend and self.finished and self.stop_reason == "max_epochs":
+            self.finished, self.stop_reason = False, None
+            self.log(f"resume: extending the finished run from {state['epoch']} to {self.cfg.epochs} epochs")
         self.log(f"resumed from {path} after epoch {state['epoch']} (best {self.cfg.key_eval} "
                  f"{self.best_value} at epoch {self.best_epoch})")
+
+    def _check_resume_config(self, state: Mapping[str, Any], path: Path) -> bool:
+        """Refuse to resume under a different configuration (model config, trainer settings, data), listing every
+        difference. Only ``epochs`` may grow, and only with a constant learning rate (the schedule depends on it):
+        returns True when it grew, so a run that finished at its last epoch continues."""
+        diffs = _dict_diff(state.get("config", {}), _plain(getattr(self.model, "config", {})), "model.")
+        old_train = dict(state.get("train_config") or {})
+        new_train = _plain(asdict(self.cfg))
+        for key in _RESUME_FREE_KEYS:
+            old_train.pop(key, None)
+            new_train.pop(key, None)
+        old_epochs, new_epochs = old_train.pop("epochs", None), new_train.pop("epochs", None)
+        diffs += _dict_diff(old_train, new_train, "")
+        extend = False
+        if old_epochs != new_epochs:
+            done = int(state.get("epoch", 0))
+            if new_epochs is not None and new_epochs < done:
+                diffs.append(f"epochs: {old_epochs} → {new_epochs} (the checkpoint already ran {done} epochs)")
+            elif self.cfg.lr_schedule != "constant":  # (a warm-up derived from epochs shows as its own diff)
+                diffs.append(f"epochs: {old_epochs} → {new_epochs} (lr_schedule {self.cfg.lr_schedule!r} depends on "
+                             f"the number of epochs)")
+            else:
+                extend = new_epochs is None or old_epochs is None or new_epochs > old_epochs
+        if diffs:
+            raise ValueError(f"resume: {path} was written with a different configuration; "
+                             + "; ".join(diffs)
+                             + ". Resume with the original settings, or start a new run (another --out, or "
+                               "without --resume)")
+        return extend
 
     # -- one epoch --
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -596,9 +667,9 @@ class Trainer:
                      + (" *best*" if improved else f" (best {self.best_value:.4f} @ {self.best_epoch})"))
             if epoch - self.best_epoch >= self.cfg.early_stop:
                 self.log(f"early stop: no {self.cfg.key_eval} improvement for {self.cfg.early_stop} epochs")
-                self.finished = True
+                self.finished, self.stop_reason = True, "early_stop"
             elif epoch == max_epochs:
-                self.finished = True
+                self.finished, self.stop_reason = True, "max_epochs"
             self._save_last(epoch)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, epoch, record)
@@ -607,6 +678,8 @@ class Trainer:
                   "history": self.history}
         if self.test_set is not None:
             result["test"] = self.test()
+            if "predictions" in result["test"]:
+                result["predictions"] = result["test"].pop("predictions")
         return result
 
     def load_best(self) -> None:
@@ -625,12 +698,32 @@ class Trainer:
         if self.cfg.select_on == "test_per_metric":
             return dict(self.test_best)
         self.load_best()
-        return self._evaluate(self.test_set, "test")
+        protocol = self.missing.eval if self.missing else None
+        return evaluate(self.model, self.test_set, self.cfg.dataset, self.cfg.eval_batch_size, self.device,
+                        protocol, "test", return_predictions=self.cfg.save_predictions)
 
     def _update_test_best(self, test_m: Mapping[str, float]) -> None:
         for k, v in test_m.items():
             if _better(float(v), self.test_best.get(k), is_minimised(k)):
                 self.test_best[k] = float(v)
+
+
+#: Trainer settings that may differ on resume: how the run is shown or where it runs, not what it computes.
+_RESUME_FREE_KEYS = ("resume", "quiet", "device", "checkpoint_dir", "log_file", "save_predictions")
+
+
+def _dict_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) -> list[str]:
+    """``["key: old → new", ...]`` over the union of keys (absent = ``<unset>``)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        else:
+            same = json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+        if not same:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
 
 
 def refresh_train_state(model: nn.Module, train_set: MMSADataset) -> None:
@@ -656,19 +749,56 @@ def _plain(obj: Any) -> Any:
 
 # ---- data & config helpers ----------------------------------------------------------------------------------
 def load_data(data: str | os.PathLike | Mapping[str, Any], dataset_name: str = "mosi", seed: int = 0,
-              aligned: bool = False, **synthetic_sizes: Optional[int]) -> dict:
+              aligned: bool = False, trusted: bool = False, return_report: bool = False,
+              **synthetic_sizes: Optional[int]):
     """``data``: an MMSA pickle path, an already loaded ``{split: dict}``, or ``"synthetic"`` (small sizes by default:
     ``n_train``/``n_valid``/``n_test`` override ``SYNTHETIC_SIZES``; ``seed`` = the generator seed; ``aligned`` =
-    the word-aligned ``aligned_50`` layout)."""
+    the word-aligned ``aligned_50`` layout). Pickles are read with the restricted unpickler unless ``trusted``.
+    ``return_report``: ``(data, report)`` with ``load_mmsa``'s validation report (e.g. non-finite values it zeroed)."""
     from .data.mmsa import load_mmsa
 
     if not isinstance(data, Mapping) and str(data) == "synthetic":
         from .data.synthetic import synthetic
 
-        sizes = {k: (synthetic_sizes.get(k) if synthetic_sizes.get(k) is not None else v)
-                 for k, v in SYNTHETIC_SIZES.items()}
-        data = synthetic(dataset_name, seed=seed, aligned=aligned, **sizes)
-    return load_mmsa(data)  # validated (MMSADataset(..., validate=False) afterwards)
+        data = synthetic(dataset_name, seed=seed, aligned=aligned, **_synthetic_sizes(synthetic_sizes))
+    elif not isinstance(data, Mapping) and not Path(data).is_file():
+        raise FileNotFoundError(f"--data {str(data)!r} does not exist (give an MMSA pickle or 'synthetic')")
+    return load_mmsa(data, trusted=trusted, return_report=return_report)  # validated (MMSADataset(..., validate=False) afterwards)
+
+
+def _synthetic_sizes(given: Mapping[str, Optional[int]], defaults: Mapping[str, int] = SYNTHETIC_SIZES) -> dict:
+    return {k: (given.get(k) if given.get(k) is not None else v) for k, v in defaults.items()}
+
+
+def describe_data_source(data: Any, dataset_name: str, seed: int, aligned: bool,
+                         sizes: Mapping[str, Optional[int]]) -> dict:
+    """What a checkpoint records about its data so ``eval`` can re-read exactly it (or refuse): the synthetic
+    generator's arguments, a pickle's absolute path and size, or ``in-memory`` (eval then needs ``--data``)."""
+    if isinstance(data, Mapping):
+        return {"kind": "in-memory"}
+    if str(data) == "synthetic":
+        return {"kind": "synthetic", "dataset": dataset_name, "seed": int(seed), "aligned": bool(aligned),
+                **_synthetic_sizes(sizes)}
+    path = Path(data).resolve()
+    return {"kind": "file", "path": str(path), "size": path.stat().st_size}
+
+
+def _data_from_source(source: Optional[Mapping[str, Any]], checkpoint: str | os.PathLike,
+                      trusted: bool) -> dict:
+    """Re-read the data a checkpoint was trained on, or say why it cannot be (pass ``--data`` then)."""
+    if not source or source.get("kind") == "in-memory":
+        raise ValueError(f"{checkpoint} does not record a data source it can re-read (trained on data passed in "
+                         f"Python, or by an older msa-fast): pass --data FILE or --data synthetic")
+    if source["kind"] == "synthetic":
+        sizes = {k: source[k] for k in SYNTHETIC_SIZES}
+        return load_data("synthetic", source["dataset"], seed=source["seed"], aligned=source["aligned"], **sizes)
+    path = Path(source["path"])
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} was trained on {path}, which no longer exists: pass --data FILE")
+    if path.stat().st_size != source.get("size"):
+        raise ValueError(f"{checkpoint} was trained on {path}, which has changed since ({source.get('size')} → "
+                         f"{path.stat().st_size} bytes): pass --data FILE to evaluate on it anyway")
+    return load_data(str(path), trusted=trusted)
 
 
 def _parse_value(key: str, text: str) -> Any:
@@ -699,21 +829,71 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def _trainer_value_kind(name: str) -> Optional[type]:
+    """The scalar type of a ``TrainConfig`` field (``Optional[int]`` → int), None for anything else."""
+    typ = str(next(f.type for f in fields(TrainConfig) if f.name == name))
+    for kind in (bool, int, float, str):
+        if typ == kind.__name__ or typ == f"Optional[{kind.__name__}]":
+            return kind
+    return None
+
+
 def _split_overrides(model_name: str, dataset_name: str, overrides: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Split user overrides into model-config keys and trainer (``TrainConfig``) keys; unknown keys fail."""
-    from .models.registry import get_config
+    """Split user overrides into model-config keys and trainer (``TrainConfig``) keys; unknown keys and values of
+    the wrong type fail with one line naming them."""
+    from .models.registry import check_value_type, get_config
 
     if "bert" in overrides and isinstance(overrides["bert"], str) and overrides["bert"].lower() == "tiny":
         overrides = {**overrides, "bert": _parse_value("bert", "tiny")}
     model_keys = set(get_config(model_name, dataset_name))
-    trainer_keys = {f.name for f in fields(TrainConfig)} - {"dataset", "seed", "checkpoint_dir", "resume"}
+    trainer_keys = {f.name for f in fields(TrainConfig)} - {"dataset", "seed", "checkpoint_dir", "resume",
+                                                            "data_source", "log_file", "save_predictions"}
     model_over = {k: v for k, v in overrides.items() if k in model_keys}
     train_over = {k: v for k, v in overrides.items() if k not in model_keys and k in trainer_keys}
     unknown = sorted(set(overrides) - set(model_over) - set(train_over))
     if unknown:
         raise ValueError(f"unknown config keys {unknown} for model {model_name!r}: model keys {sorted(model_keys)}; "
                          f"trainer keys {sorted(trainer_keys)}")
+    for key, value in train_over.items():
+        kind = _trainer_value_kind(key)
+        if kind is not None and value is not None:
+            check_value_type(key, value, kind(), f"trainer setting {key}")
     return model_over, train_over
+
+
+#: MMSA ``config_regression.json`` keys with a trainer meaning here (MMSA name → ours).
+MMSA_KEY_MAP = {"learning_rate": "lr", "KeyEval": "key_eval", "learning_rate_bert": "bert_lr"}
+#: MMSA keys that describe MMSA's own pipeline (feature files, model wiring) and mean nothing here.
+MMSA_PIPELINE_KEYS = frozenset({
+    "need_model_aligned", "need_normalized", "use_bert", "use_finetune", "transformers", "pretrained",
+    "update_epochs", "featurePath", "feature_T", "feature_A", "feature_V", "seq_lens", "feature_dims",
+    "train_samples", "num_classes", "language", "dataset_name", "model_name", "custom_feature", "train_mode",
+    "cur_seed", "KeyEval_mode", "weight_decay_bert", "res_save_dir", "model_save_dir", "log_dir", "is_tune",
+    "mode", "save_labels", "model_save_path", "device", "gpu_ids", "num_workers", "verbose_level",
+})
+
+
+def read_config_file(path: str | os.PathLike, model_name: str, dataset_name: str) -> tuple[dict, list[str]]:
+    """Overrides from a JSON file (flat, or MMSA's nested ``config_regression.json``), MMSA keys mapped to ours
+    (``MMSA_KEY_MAP``; ``need_data_aligned`` kept for the data loader); returns ``(overrides, notes)`` where the
+    notes name the MMSA keys ignored. Unknown non-MMSA keys still fail later (a typo must not pass silently)."""
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of overrides")
+    flat = flatten_mmsa_config(loaded, model_name, dataset_name, str(path))
+    out: dict[str, Any] = {}
+    ignored = sorted(k for k in flat if k in MMSA_PIPELINE_KEYS)
+    for key, value in flat.items():
+        if key in MMSA_PIPELINE_KEYS:
+            continue
+        out[MMSA_KEY_MAP.get(key, key)] = value
+    notes = [f"--config {path}: ignored MMSA pipeline keys with no meaning here: {', '.join(ignored)}"] if ignored \
+        else []
+    return out, notes
 
 
 def flatten_mmsa_config(loaded: Mapping[str, Any], model_name: str, dataset_name: str,
@@ -741,6 +921,42 @@ def _needs_aligned(model_config: Mapping[str, Any]) -> bool:
     return model_config.get("alignment") == "aligned" or bool(model_config.get("need_data_aligned", False))
 
 
+def _bert_vocab_size(model_config: Mapping[str, Any]) -> Optional[int]:
+    """The BERT vocabulary the token ids must fit, when the model runs BERT from a config dict (a path's config is
+    read by transformers at build time and checked by the embedding itself)."""
+    bert = model_config.get("bert")
+    if model_config.get("use_text_features") or not isinstance(bert, Mapping):
+        return None
+    return int(bert.get("vocab_size", 30522))
+
+
+def check_data(data: Mapping[str, Any], model_name: str, model_config: Mapping[str, Any], dataset_name: str,
+               allow_label_range: bool = False, source: str = "the data",
+               load_report: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Everything about ``data`` that would fail or mislead a run, checked before the first epoch: ValueError with
+    one line per problem; returns the warnings (e.g. labels out of range with ``allow_label_range``)."""
+    from .data.preflight import preflight_problems
+
+    errors, warnings = preflight_problems(
+        data, dataset_name, dims={m: int(model_config[f"{m}_dim"]) for m in ("audio", "vision")
+                                  if f"{m}_dim" in model_config},
+        vocab_size=_bert_vocab_size(model_config), allow_label_range=allow_label_range, load_report=load_report,
+        required_keys=("text", "audio", "vision", "regression_labels") if model_config.get("use_text_features")
+        else ("text_bert", "audio", "vision", "regression_labels"))
+    if _needs_aligned(model_config):
+        train = data["train"]
+        # text_bert (N, 3, L_t) or text (N, L_t, 768)
+        text_len = np.shape(train["text_bert"])[-1] if "text_bert" in train else np.shape(train["text"])[1]
+        audio_len = np.asarray(train["audio"]).shape[1]
+        if audio_len != text_len:
+            errors.append(f"model {model_name!r} reads word-aligned features (MMSA aligned_50.pkl) but {source} is "
+                          f"unaligned (audio {audio_len} frames vs text {text_len} tokens): use aligned_50.pkl or "
+                          f"msa-fast data synth --aligned")
+    if errors:
+        raise ValueError(f"{len(errors)} problem(s) in {source}:\n  " + "\n  ".join(errors))
+    return warnings
+
+
 # ---- MMSA_run equivalent -----------------------------------------------------------------------------------
 def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] = None,
         config: Optional[Mapping[str, Any]] = None, seeds: Optional[Sequence[int]] = None,
@@ -750,115 +966,194 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
         key_eval: Optional[str] = None, early_stop: Optional[int] = None, resume: bool = False,
         quiet: bool = False, synthetic_seed: int = 0, n_train: Optional[int] = None, n_valid: Optional[int] = None,
         n_test: Optional[int] = None, res_save_dir: Optional[str] = None, model_save_dir: Optional[str] = None,
-        select_on: str = "valid") -> dict[str, Any]:
+        select_on: str = "valid", trust_pickle: bool = False, allow_label_range: bool = False,
+        save_predictions: bool = False, smoke: bool = False) -> dict[str, Any]:
     """Train ``model_name`` on ``dataset_name`` once per seed, select on valid, test once, write MMSA's results CSV.
 
     Argument names follow ``MMSA_run`` (``config_file`` = a JSON dict of overrides, ``config`` = a dict of overrides,
     model-config keys and ``TrainConfig`` keys mixed; ``seeds`` default: the model config's ``seeds`` else MMSA's
     [1111..1115]). ``res_save_dir`` / ``model_save_dir`` default to ``<out_dir>/results`` / ``<out_dir>/checkpoints``.
 
+    Before any epoch: arguments, the output folder and the data are checked (``check_data``), each problem one line.
+    While it runs the run owns ``out_dir`` (``RunLock``: a second run into it is refused) and logs to
+    ``<out_dir>/logs/<run>.log``. The results CSV holds one row per model (a re-run replaces its row).
+    ``smoke``: the model's tiny configuration, synthetic ``SMOKE_SIZES`` and ``SMOKE_EPOCHS`` epoch(s).
+
     Returns ``{"per_seed": [test metrics per seed], "row": {metric: (mean·100, std·100)}, "csv": path, "runs":
     [fit results]}``.
     """
-    from .models.registry import build, get_config
+    from .models.registry import build, get_config, get_model_class
 
     model_name, dataset_name = model_name.lower(), dataset_name.lower()
+    get_model_class(model_name)  # unknown model: fail before anything else
     overrides: dict[str, Any] = {}
+    notes: list[str] = []
     if config_file is not None:
-        with open(config_file) as f:
-            loaded = json.load(f)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config_file {config_file!r} must hold a JSON object of overrides")
-        overrides.update(flatten_mmsa_config(loaded, model_name, dataset_name, str(config_file)))
+        overrides, notes = read_config_file(config_file, model_name, dataset_name)
     overrides.update(dict(config or {}))
+    aligned_request = bool(overrides.pop("need_data_aligned", False))
+    sizes = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
+    if smoke:
+        overrides = {**smoke_model_overrides(model_name), **overrides}
+        epochs = SMOKE_EPOCHS
+        sizes = _synthetic_sizes(sizes, SMOKE_SIZES)
     model_over, train_over = _split_overrides(model_name, dataset_name, overrides)
     model_config = get_config(model_name, dataset_name, **model_over)
+    _resolve_device(device)
     if seeds is None or len(seeds) == 0:
         seeds = list(model_config.get("seeds") or DEFAULT_SEEDS)
-    data_dict = load_data(data, dataset_name, seed=synthetic_seed, aligned=_needs_aligned(model_config),
-                          n_train=n_train, n_valid=n_valid, n_test=n_test)
-    use_tf = bool(model_config.get("use_text_features", False))
-    splits = {s: MMSADataset(data_dict[s], use_text_features=use_tf or None, validate=False, split=s)
-              for s in ("train", "valid", "test")}
-
-    out_dir = Path(out_dir)
-    res_dir = Path(res_save_dir) if res_save_dir else out_dir / "results"
-    ckpt_root = Path(model_save_dir) if model_save_dir else out_dir / "checkpoints"
-    schedule = MissingSchedule.from_spec(missing, 0, train_spec=missing_train)
+    schedule = MissingSchedule.from_spec(missing, 0, train_spec=missing_train)  # a bad spec fails here
+    out_dir = check_output_dir(out_dir)
+    res_dir = check_output_dir(res_save_dir) if res_save_dir else out_dir / "results"
+    ckpt_root = check_output_dir(model_save_dir) if model_save_dir else out_dir / "checkpoints"
     tag = "normal" if schedule is None else f"missing-{schedule.tag}"
     run_name = f"{model_name}-{dataset_name}" + ("" if schedule is None else f"-{schedule.tag}")
 
-    per_seed, runs = [], []
-    for seed in seeds:
-        set_seed(int(seed))
-        model = build(model_name, dataset=dataset_name, **model_over)
-        cfg = TrainConfig(**{**train_over, "dataset": dataset_name, "seed": int(seed), "device": device,
-                             "missing": missing, "missing_train": missing_train, "resume": resume, "quiet": quiet,
-                             "checkpoint_dir": str(ckpt_root / f"{run_name}-seed{seed}"), "select_on": select_on})
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("key_eval", key_eval),
-                            ("early_stop", early_stop)):
-            if value is not None:
-                setattr(cfg, name, value)
-        trainer = Trainer(model, splits["train"], splits["valid"], splits["test"], cfg)
-        if not quiet:
-            print(f"== {model_name} on {dataset_name}, seed {seed} ==")
-        result = trainer.fit()
-        test_m = {k: v for k, v in result["test"].items() if k != "Loss"}
-        if not quiet:
-            print(f"seed {seed}: best epoch {result['best_epoch']} (valid {trainer.cfg.key_eval} "
-                  f"{result['best_valid']}); test " + ", ".join(f"{k} {v:.4f}" for k, v in test_m.items()))
-        per_seed.append(test_m)
-        runs.append(result)
+    with RunLock(out_dir):
+        for stale in clean_stale_temporaries(ckpt_root):
+            notes.append(f"removed {stale} (left by an interrupted checkpoint write)")
+        log = RunLog(out_dir / "logs" / f"{run_name}.log", quiet=quiet)
+        log.write(f"== msa-fast run: {model_name} on {dataset_name}, seeds {list(seeds)}, data "
+                  f"{'<in memory>' if isinstance(data, Mapping) else data}, command: {' '.join(sys.argv)}")
+        for note in notes:
+            log.say(f"note: {note}")
+        aligned = _needs_aligned(model_config) or aligned_request
+        data_dict, report = load_data(data, dataset_name, seed=synthetic_seed, aligned=aligned,
+                                      trusted=trust_pickle, return_report=True, **sizes)
+        source = describe_data_source(data, dataset_name, synthetic_seed, aligned, sizes)
+        for warning in check_data(data_dict, model_name, model_config, dataset_name, allow_label_range,
+                                  source="--data " + ("<in memory>" if isinstance(data, Mapping) else str(data)),
+                                  load_report=report):
+            log.say(f"warning: {warning}")
+        use_tf = bool(model_config.get("use_text_features", False))
+        splits = {s: MMSADataset(data_dict[s], use_text_features=use_tf or None, validate=False, split=s)
+                  for s in ("train", "valid", "test")}
 
-    row = results_row(per_seed)
-    csv_path = res_dir / tag / f"{dataset_name}.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    write_results_csv(csv_path, model_name, row)
-    detail = {"model": model_name, "dataset": dataset_name, "seeds": list(map(int, seeds)),
-              "missing": None if schedule is None else schedule.describe(), "per_seed": per_seed,
-              "row": {k: list(v) for k, v in row.items()}, "runs": runs, "note": "CSV cells are (mean*100, std*100)"}
-    with open(csv_path.parent / f"{run_name}.json", "w") as f:
-        json.dump(detail, f, indent=1, default=float)
-    if not quiet:
-        print(f"results ({len(seeds)} seeds, mean·100 ± std·100; MAE 71.3 = 0.713) → {csv_path}")
+        per_seed, runs = [], []
+        for seed in seeds:
+            set_seed(int(seed))
+            model = build(model_name, dataset=dataset_name, **model_over)
+            cfg = TrainConfig(**{**train_over, "dataset": dataset_name, "seed": int(seed), "device": device,
+                                 "missing": missing, "missing_train": missing_train, "resume": resume,
+                                 "quiet": quiet, "checkpoint_dir": str(ckpt_root / f"{run_name}-seed{seed}"),
+                                 "select_on": select_on, "data_source": source, "log_file": str(log.path),
+                                 "save_predictions": save_predictions})
+            for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("key_eval", key_eval),
+                                ("early_stop", early_stop)):
+                if value is not None:
+                    setattr(cfg, name, value)
+            trainer = Trainer(model, splits["train"], splits["valid"], splits["test"], cfg)
+            log.say(f"== {model_name} on {dataset_name}, seed {seed} ==")
+            result = trainer.fit()
+            test_m = {k: v for k, v in result["test"].items() if k != "Loss"}
+            log.say(f"seed {seed}: best epoch {result['best_epoch']} (valid {trainer.cfg.key_eval} "
+                    f"{result['best_valid']}); test " + ", ".join(f"{k} {v:.4f}" for k, v in test_m.items()))
+            if save_predictions:
+                pred_path = res_dir / tag / "predictions" / f"{run_name}-seed{seed}.csv"
+                write_predictions(pred_path, splits["test"], result.pop("predictions"))
+                log.say(f"test predictions → {pred_path}")
+            per_seed.append(test_m)
+            runs.append(result)
+
+        row = results_row(per_seed)
+        csv_path = res_dir / tag / f"{dataset_name}.csv"
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        write_results_csv(csv_path, model_name, row)
+        detail = {"model": model_name, "dataset": dataset_name, "seeds": list(map(int, seeds)),
+                  "missing": None if schedule is None else schedule.describe(), "data_source": source,
+                  "per_seed": per_seed, "row": {k: list(v) for k, v in row.items()}, "runs": runs,
+                  "note": "CSV cells are (mean*100, std*100)"}
+        with open(csv_path.parent / f"{run_name}.json", "w") as f:
+            json.dump(detail, f, indent=1, default=float)
+        log.say(f"results ({len(seeds)} seeds, mean·100 ± std·100; MAE 71.3 = 0.713) → {csv_path}")
         for k, (m, s) in row.items():
-            print(f"  {k:<14} {m:7.2f} ± {s:.2f}")
+            log.say(f"  {k:<14} {m:7.2f} ± {s:.2f}")
     return {"per_seed": per_seed, "row": row, "csv": str(csv_path), "runs": runs}
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Any = "synthetic", dataset_name: Optional[str] = None,
+def write_predictions(path: str | os.PathLike, dataset: MMSADataset, predictions: torch.Tensor,
+                      checkpoint: Optional[str] = None, append: bool = False) -> None:
+    """CSV ``[checkpoint,] id, label, prediction`` in the split's order (MMSA's ``save_labels`` counterpart)."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = dataset.labels.float().reshape(-1).tolist() if hasattr(dataset, "labels") else [None] * len(dataset)
+    new = not (append and path.exists())
+    with open(path, "a" if append else "w", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow((["checkpoint"] if checkpoint is not None else []) + ["id", "label", "prediction"])
+        for sid, label, pred in zip(dataset.ids, labels, predictions.reshape(-1).tolist()):
+            writer.writerow(([checkpoint] if checkpoint is not None else []) + [sid, label, f"{pred:.6f}"])
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Any = None, dataset_name: Optional[str] = None,
                         model_name: Optional[str] = None, missing: Optional[str] = None, split: str = "test",
-                        batch_size: int = 32, device: str = "cpu", missing_seed: int = DEFAULT_MISSING_SEED,
+                        batch_size: Optional[int] = None, device: str = "cpu", missing_seed: Optional[int] = None,
+                        trusted: bool = False, allow_label_range: bool = False, return_predictions: bool = False,
                         **synthetic_kwargs: Any) -> dict[str, Any]:
-    """Metrics of a ``best.pt`` / ``last.pt`` checkpoint on one split (the model is rebuilt from its stored
-    config)."""
+    """Metrics of a ``best.pt`` / ``last.pt`` checkpoint on one split (the model is rebuilt from its stored config).
+
+    ``data`` / ``missing`` / ``batch_size`` / ``missing_seed`` default to what the checkpoint recorded (the data
+    source it was trained on, its protocol, its evaluation batch size): eval reproduces the run's test numbers, and
+    refuses (ValueError) when that data cannot be found instead of evaluating on something else. ``missing="none"``
+    evaluates on complete data."""
     from .models.registry import get_model_class
 
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     state = _load(checkpoint)
     stored_name, stored_ds = state.get("model_name"), state.get("dataset")
     if model_name is not None and stored_name and model_name.lower() != stored_name:
         raise ValueError(f"checkpoint {checkpoint} holds model {stored_name!r}, not {model_name!r}")
     if dataset_name is not None and stored_ds and dataset_name.lower() != stored_ds:
         raise ValueError(f"checkpoint {checkpoint} was trained on {stored_ds!r}, not {dataset_name!r}")
-    name, ds = model_name or stored_name, dataset_name or stored_ds
-    if "config" not in state:
-        raise ValueError(f"checkpoint {checkpoint} has no model config (a best.pt or last.pt from msa-fast train?)")
-    model = get_model_class(name)(state["config"])
-    model.load_state_dict(state["model"])
-    dev = _resolve_device(device)
-    model.to(dev)
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
-    data_dict = load_data(data, ds, aligned=_needs_aligned(state["config"]), **synthetic_kwargs)
+    name, ds = model_name or stored_name, dataset_name or stored_ds
+    dev = _resolve_device(device)
+    model = get_model_class(name)(state["config"])
+    model.load_state_dict_checked(state["model"], f"checkpoint {checkpoint}")
+    model.to(dev)
+    if data is None:
+        data_dict = _data_from_source(state.get("data_source"), checkpoint, trusted)
+        source = "the checkpoint's data"
+    else:
+        sizes = _synthetic_sizes({k: synthetic_kwargs.get(k) for k in SYNTHETIC_SIZES})
+        data_dict = load_data(data, ds, seed=synthetic_kwargs.get("seed") or 0,
+                              aligned=_needs_aligned(state["config"]), trusted=trusted, **sizes)
+        source = "--data " + ("<in memory>" if isinstance(data, Mapping) else str(data))
+    check_data(data_dict, name, state["config"], ds, allow_label_range, source=source)
     use_tf = bool(state["config"].get("use_text_features", False))
     dataset = MMSADataset(data_dict[split], use_text_features=use_tf or None, validate=False, split=split)
     if hasattr(model, "build_memory_bank"):
         refresh_train_state(model, MMSADataset(data_dict["train"], use_text_features=use_tf or None,
                                                validate=False, split="train"))
-    protocol = parse_missing(missing, seed=missing_seed)
-    return evaluate(model, dataset, ds, batch_size, dev, protocol, split)
+    spec = state.get("missing") if missing is None else missing
+    seed = state.get("missing_seed", DEFAULT_MISSING_SEED) if missing_seed is None else missing_seed
+    protocol = parse_missing(spec, seed=seed)
+    bs = batch_size or state.get("eval_batch_size") or 32
+    results = evaluate(model, dataset, ds, bs, dev, protocol, split, return_predictions=return_predictions)
+    if return_predictions:
+        results["dataset"] = dataset
+    return results
+
+
+def find_checkpoints(folder: str | os.PathLike, model_name: Optional[str] = None,
+                     dataset_name: Optional[str] = None) -> list[Path]:
+    """Every ``best.pt`` under ``folder`` (a run's ``--out`` or its ``checkpoints/``), sorted."""
+    found = sorted(Path(folder).rglob("best.pt"))
+    if model_name:
+        found = [p for p in found if p.parent.name.startswith(f"{model_name.lower()}-")]
+    if dataset_name:
+        found = [p for p in found if f"-{dataset_name.lower()}" in p.parent.name]
+    if not found:
+        raise ValueError(f"no best.pt under {folder}" + (f" for model {model_name!r}" if model_name else "")
+                         + (f" on {dataset_name!r}" if dataset_name else ""))
+    runs = sorted({p.parent.name.rsplit("-seed", 1)[0] for p in found})
+    if len(runs) > 1:
+        raise ValueError(f"{folder} holds checkpoints of several runs {runs}: pick one with -m / -d / --missing or "
+                         f"give a folder of one run")
+    return found
 
 
 # ---- demo -------------------------------------------------------------------------------------------------
@@ -904,73 +1199,47 @@ def short_training_run(quick: bool = True, model_name: str = "hme", seed: int = 
     return text
 
 
-# ---- CLI ----------------------------------------------------------------------------------------------------
-def _common_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str] = "mosi") -> None:
-    p.add_argument("-d", "--dataset", default=dataset_default, choices=("mosi", "mosei", "sims"),
-                   help="dataset (default: " + (dataset_default or "the checkpoint's") + ")")
-    p.add_argument("--data", default="synthetic",
-                   help="MMSA pickle path, or 'synthetic' (small generated data; default)")
-    p.add_argument("--missing", default=None,
-                   help="missing-data protocol: lnln:<rate> | lnln:train | modality:<MR> | pattern:<TAV|T|...> | "
-                        "pattern_prob:<p> (default none)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: model config, else 32)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
-    p.add_argument("--n-train", type=int, default=None, help=f"synthetic train size ({SYNTHETIC_SIZES['n_train']})")
-    p.add_argument("--n-valid", type=int, default=None, help=f"synthetic valid size ({SYNTHETIC_SIZES['n_valid']})")
-    p.add_argument("--n-test", type=int, default=None, help=f"synthetic test size ({SYNTHETIC_SIZES['n_test']})")
-    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data (0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+# ---- CLI handlers (parsers: msa_fast.train_args) -----------------------------------------------------------
+def smoke_model_overrides(model_name: str) -> dict[str, Any]:
+    """The model's tiny configuration (``TINY_CONFIGS``) with the tiny BERT: what ``--smoke`` runs."""
+    from .nn.text_encoder import TINY_BERT_CONFIG
+
+    return {"bert": dict(TINY_BERT_CONFIG), **TINY_CONFIGS.get(model_name.lower(), {"use_text_features": True})}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a model over seeds (select on valid, test once, MMSA results CSV)",
-                       description="Train a registered model; results CSV cells are (mean*100, std*100) over seeds.")
-    t.add_argument("-m", "--model", required=True, help="registered model name (e.g. dashfusion, lnln, hme)")
-    _common_data_args(t)
-    t.add_argument("--missing-train", default=None, help="override the training protocol ('none' = complete)")
-    t.add_argument("-s", "--seeds", type=int, nargs="+", action="extend", default=None,
-                   help="seeds, '-s 1111 1112' or MMSA's '-s 1111 -s 1112' (default: model config 'seeds', "
-                        "else 1111 1112 1113 1114 1115)")
-    t.add_argument("--epochs", type=int, default=None, help="max epochs (default: model config; else early stop)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: model config, else 1e-3)")
-    t.add_argument("--key-eval", default=None, help="validation selection metric (default: model config, else Loss)")
-    t.add_argument("--early-stop", type=int, default=None, help="patience in epochs (default: config, else 8)")
-    t.add_argument("--out", default="msa_fast_runs", help="output folder: checkpoints/ and results/ (msa_fast_runs)")
-    t.add_argument("-c", "--config", default=None,
-                   help="JSON file of config overrides (model or trainer keys), flat or MMSA's nested "
-                        "config_regression.json layout")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (JSON values; bert=tiny = the tiny BERT config)")
-    t.add_argument("--resume", action="store_true", help="continue each seed from its last.pt")
-    t.add_argument("--select-on", default="valid", choices=("valid", "test_per_metric"),
-                   help="checkpoint selection; test_per_metric = LNLN's leaky official protocol (reproduction only)")
-    t.set_defaults(func=_train_main)
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a split (MMSA metrics)")
-    e.add_argument("-m", "--model", default=None, help="model name (checked against the checkpoint)")
-    _common_data_args(e, dataset_default=None)
-    e.add_argument("--checkpoint", required=True, help="best.pt / last.pt written by msa-fast train")
-    e.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split to evaluate (test)")
-    e.add_argument("--missing-seed", type=int, default=DEFAULT_MISSING_SEED, help="seed of the evaluation masks")
-    e.set_defaults(func=_eval_main)
-
-
-def _train_main(args: argparse.Namespace) -> int:
+def main_train(args: argparse.Namespace) -> int:
     config = parse_overrides(args.overrides)
     run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
         missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, device=args.device, out_dir=args.out, key_eval=args.key_eval, early_stop=args.early_stop,
-        resume=args.resume, quiet=args.quiet, synthetic_seed=args.synthetic_seed, n_train=args.n_train,
-        n_valid=args.n_valid, n_test=args.n_test, select_on=args.select_on)
+        resume=args.resume, quiet=args.quiet, synthetic_seed=args.synthetic_seed or 0, n_train=args.n_train,
+        n_valid=args.n_valid, n_test=args.n_test, select_on=args.select_on, trust_pickle=args.trust_pickle,
+        allow_label_range=args.allow_label_range, save_predictions=args.save_predictions,
+        smoke=smoke_requested(args))
     return 0
 
 
-def _eval_main(args: argparse.Namespace) -> int:
-    dataset = args.dataset
-    results = evaluate_checkpoint(args.checkpoint, data=args.data, dataset_name=dataset, model_name=args.model,
-                                  missing=args.missing, split=args.split, batch_size=args.batch_size or 32,
-                                  device=args.device, missing_seed=args.missing_seed, seed=args.synthetic_seed,
-                                  n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "missing": args.missing,
-                      "metrics": results}))
+def main_eval(args: argparse.Namespace) -> int:
+    target = Path(args.checkpoint)
+    paths = find_checkpoints(target, args.model, args.dataset) if target.is_dir() else [target]
+    sizes = {"n_train": args.n_train, "n_valid": args.n_valid, "n_test": args.n_test}
+    if smoke_requested(args) and args.data == "synthetic":
+        sizes = _synthetic_sizes(sizes, SMOKE_SIZES)
+    per_ckpt = []
+    for i, path in enumerate(paths):
+        results = evaluate_checkpoint(path, data=args.data, dataset_name=args.dataset, model_name=args.model,
+                                      missing=args.missing, split=args.split, batch_size=args.batch_size,
+                                      device=args.device, missing_seed=args.missing_seed,
+                                      trusted=args.trust_pickle, allow_label_range=args.allow_label_range,
+                                      return_predictions=bool(args.save_predictions), seed=args.synthetic_seed,
+                                      **sizes)
+        if args.save_predictions:
+            write_predictions(args.save_predictions, results.pop("dataset"), results.pop("predictions"),
+                              checkpoint=str(path), append=i > 0)
+        print(json.dumps({"checkpoint": str(path), "split": args.split, "missing": args.missing, "metrics": results}))
+        per_ckpt.append({k: v for k, v in results.items() if k != "Loss"})
+    if len(paths) > 1:
+        row = results_row(per_ckpt)
+        print(json.dumps({"checkpoints": len(paths), "split": args.split,
+                          "row (mean*100, std*100)": {k: list(v) for k, v in row.items()}}))
     return 0

@@ -1,8 +1,10 @@
-"""``msa-fast bench {ops,retrieval,models}``: micro-benchmarks with ratios against the PyTorch reference.
+"""msa-fast bench {ops,retrieval,models}: micro-benchmarks with ratios against the PyTorch reference.
 
 Each suite lives in its own module (``ops.py``, ``retrieval.py``, ``models.py``) exposing
 ``add_arguments(parser)`` and ``main(args) -> int`` (rows printed as a table); the same setup factories
-are reused by the pytest-benchmark suites in ``benchmarks/``.
+are reused by the pytest-benchmark suites in ``benchmarks/``. The suite modules import torch only inside their
+functions, so that ``msa-fast bench SUITE --help`` answers at once; the module docstring is the suite's help (first
+paragraph) and description (whole, as plain text).
 """
 from __future__ import annotations
 
@@ -13,8 +15,14 @@ SUITES = ("ops", "retrieval", "models")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models)")
-    suites = p.add_subparsers(dest="suite", metavar="SUITE")
+    from ..cli import doc_description, first_paragraph
+
+    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models)",
+                       description="Micro-benchmarks of msa_fast against the PyTorch reference: the fused ops "
+                                   "(ops), memory-bank search and partner / in-batch retrieval (retrieval), and "
+                                   "whole models, forward and training step (models). Timings on a shared machine "
+                                   "are noisy: compare ratios.")
+    suites = p.add_subparsers(dest="suite", metavar="SUITE", title="suites")
     suites.required = True
     for name in SUITES:
         try:
@@ -23,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             if err.name == f"msa_fast.bench.{name}":
                 continue
             raise
-        sp = suites.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
+        sp = suites.add_parser(name, help=first_paragraph(mod.__doc__, name), description=doc_description(mod.__doc__),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
         sp.set_defaults(func=mod.main)
 

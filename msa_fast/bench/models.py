@@ -49,7 +49,8 @@ BERT_BASE_OVERRIDES = dict(vocab_size=30522, num_hidden_layers=12)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"models ({' '.join(MODELS)})")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="MODEL",
+                   help=f"models to benchmark: {' '.join(MODELS)} (default: all)")
     p.add_argument("--dataset", default="mosi", choices=("mosi", "mosei", "sims"), help="input shapes (mosi)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
     p.add_argument("--full-bert", action="store_true", help="BERT-base-sized random BERT instead of the tiny one")

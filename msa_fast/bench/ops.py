@@ -7,6 +7,7 @@
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` per source with a boolean mask;
 - ``cpp``: msa_fast's C++/OpenMP backend (one call for all sources / modalities);
 - on CUDA: ``triton`` (msa_fast kernels) with ``triton.testing.do_bench``.
+
 Columns: median ms over ``--repeat`` runs, ratios ``eager/cpp`` and ``sdpa/cpp`` (> 1: cpp faster), optional
 peak extra memory (``--memory``: RSS growth of one run in a fresh process) and a roofline estimate (FLOPs, bytes
 moved by a fused kernel vs the eager composition, and the H100 lower bound) to judge GPU numbers.
@@ -17,13 +18,15 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Optional
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import format_table
 
+if TYPE_CHECKING:  # torch is imported inside the functions: ``msa-fast bench ops --help`` must not pay for it
+    import torch
+
+#: The ops ``--op`` can select (every case of ``_cases`` uses one of them).
+OPS = ("attention", "multi_source", "bottleneck", "masked_mean", "self_attention_dropout", "dropout")
 MOSI = dict(B=32, H=8, text=50, audio=376, vision=501)
 TINY = dict(B=2, H=2, text=8, audio=24, vision=30)
 # H100 SXM: fp32 (non-tensor-core) 67 TFLOP/s, HBM3 3.35 TB/s — used only for the printed roofline bound
@@ -33,6 +36,9 @@ H100_FLOPS, H100_BW = 67e12, 3.35e12
 # ------------------------------------------------------------------------------------------------ providers
 def eager_attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0):
     """The official composition: scores = q kᵀ·s; masked_fill(-inf); softmax; (dropout;) @ v."""
+    import torch
+    import torch.nn.functional as F
+
     s = torch.matmul(q, k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
@@ -41,20 +47,30 @@ def eager_attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0):
 
 
 def sdpa_attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0):
+    import torch.nn.functional as F
+
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def _lengths_mask(B: int, L: int, g: torch.Generator, device) -> torch.Tensor:
+    import torch
+
     lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g)  # ragged, never empty (eager would NaN)
     return (torch.arange(L)[None] >= lengths[:, None]).to(device)
 
 
 def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, device: str = "cpu",
-              dtype=torch.float32) -> dict:
+              dtype: torch.dtype | None = None) -> dict:
     """→ dict(inputs=[leaf tensors], providers={name: fn(*inputs) -> tensor}, flops=fwd FLOPs, bytes_fused,
-    bytes_eager). One factory shared by ``msa-fast bench ops`` and benchmarks/bench_ops.py."""
+    bytes_eager). One factory shared by ``msa-fast bench ops`` and benchmarks/bench_ops.py; ``dtype`` defaults to
+    torch.float32."""
+    import torch
+    import torch.nn.functional as F
+
     from .. import ops
+
+    dtype = torch.float32 if dtype is None else dtype
 
     g = torch.Generator().manual_seed(0)
     B, H = shape["B"], shape["H"]
@@ -138,6 +154,8 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
 
 # ------------------------------------------------------------------------------------------------ timing
 def _step(fn: Callable, inputs: list, backward: bool) -> Callable[[], None]:
+    import torch
+
     leaves = [t.detach().requires_grad_(backward) for t in inputs]
 
     def run():
@@ -164,6 +182,8 @@ def time_ms(run: Callable[[], None], repeat: int, warmup: int = 1) -> float:
 
 def _peak_rss_worker(args):  # runs in a fresh process (spawn)
     import resource
+
+    import torch
 
     op, shape, D, K, masked, provider, backward = args
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -255,13 +275,15 @@ def _formula(op, shape, D, K, el=4):
     return dict(flops=4 * B * H * qk * D, bytes_fused=io, bytes_eager=io + 4 * B * H * qk * el)
 
 
-def run_gpu(full: bool = True) -> list[dict]:
+def run_gpu(full: bool = True, only: Optional[str] = None) -> list[dict]:
     """CUDA: triton vs sdpa vs eager with triton.testing.do_bench (forward and forward+backward)."""
     from triton.testing import do_bench
 
     shape, cases = _cases(full)
     rows = []
     for op, D, K, masked in cases:
+        if only and op != only:
+            continue
         case = make_case(op, shape, D, K, masked, device="cuda")
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=op, D=D, K=K or "", masked=masked, mode=mode)
@@ -283,12 +305,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="also measure peak extra RSS per run (slow)")
-    parser.add_argument("--op", default=None, choices=["attention", "multi_source", "bottleneck", "masked_mean",
-                                                      "self_attention_dropout", "dropout"])
-    parser.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
+    parser.add_argument("--op", default=None, choices=OPS,
+                        help="run only this op's cases (default: all; the roofline table always lists all)")
+    parser.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both",
+                        help="forward only, forward+backward, or both (default both)")
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
@@ -300,5 +325,5 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(roofline(full=True)))
     if torch.cuda.is_available():
         print("\nCUDA (triton.testing.do_bench):")
-        print(format_table(run_gpu(full=args.full)))
+        print(format_table(run_gpu(full=args.full, only=args.op)))
     return 0

@@ -1,5 +1,8 @@
-"""retrieval: memory-bank top-k (torch brute force vs routed exact vs IVF, recall@10), refresh cost, DashFusion
-partners vs the official loop, HME in-batch op vs the official loop.
+"""Retrieval: memory-bank top-k (brute force vs routed exact vs IVF, recall@10), DashFusion partners, HME in-batch.
+
+Bank: cosine top-10 with torch brute force, the routed exact ``Index`` and IVF-Flat / IVF-PQ (train, refresh and
+search cost, recall@10 against brute force). Partners: DashFusion's label-aware partner pools, vectorised vs the
+official loop. In-batch: HME's in-batch retrieval op vs the official per-row loop.
 
 Small sizes by default (seconds); ``--full`` (or env MSA_FAST_BENCH_FULL=1) runs the issue's sizes: N = 10⁴, 10⁵, 10⁶
 bank rows, 1 024 queries, d = 192, clustered data; partners at N = 1 284 (MOSI) and 16 326 (MOSEI). The official
@@ -11,17 +14,22 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from . import format_table
 
+if TYPE_CHECKING:  # torch is imported inside the functions: ``msa-fast bench retrieval --help`` must not pay for it
+    import torch
+
 TOPK = 10
+#: The benchmark sections ``--skip`` can leave out.
+SECTIONS = ("bank", "partners", "in_batch")
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 1000, noise: float = 0.5) -> torch.Tensor:
     """Gaussian clusters (centres ~ N(0, I), per-point noise ``noise``·N(0, I)): the regime where IVF pays off."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(min(clusters, n), d, generator=g)
     out = torch.empty(n, d)
@@ -49,11 +57,15 @@ def recall_at(ids: torch.Tensor, ref: torch.Tensor) -> float:
 
 def torch_brute_force(x: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     """Plain top-k on one (nq, N) score matrix of pre-normalised rows (the baseline the issue measured)."""
+    import torch
+
     return torch.cat([(qc @ x.T).topk(k, dim=1).indices for qc in q.split(256)])  # 256-query chunks: ≤ 1 GB
 
 
 def bench_bank(n: int, d: int, nq: int, nlist: int, nprobes: list[int], train_size: int, seed: int = 0) -> list[dict]:
     """Bank-style cosine top-10: torch brute force, routed exact ``Index``, IVF-Flat (train / refresh / search)."""
+    import torch
+
     from ..retrieval import Index, faiss_or_none
 
     x = torch.nn.functional.normalize(clustered(n + nq, d, seed), dim=1)
@@ -107,6 +119,8 @@ def _engine(index) -> str:
 
 def bench_partners(n: int, loop_rows: int, f: int = 384, seed: int = 0, windows=(1.0, 1.0)) -> list[dict]:
     """Label-aware partner pools: vectorised vs the official per-row loop (subset, extrapolated)."""
+    import torch
+
     from ..retrieval import label_aware_partners, official_partner_loop
 
     g = torch.Generator().manual_seed(seed)
@@ -129,6 +143,8 @@ def bench_partners(n: int, loop_rows: int, f: int = 384, seed: int = 0, windows=
 
 def bench_in_batch(b: int = 256, d: int = 192, seed: int = 0) -> list[dict]:
     """HME in-batch retrieval: official per-row loop vs the op (torch backend; triton on CUDA)."""
+    import torch
+
     from ..retrieval import in_batch_retrieve, official_loop_retrieve
 
     h = clustered(b, d, seed, clusters=8, noise=0.8)
@@ -146,16 +162,22 @@ def bench_in_batch(b: int = 256, d: int = 192, seed: int = 0) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full", action="store_true", help="the issue's sizes (N up to 10^6; minutes)")
-    parser.add_argument("--sizes", type=int, nargs="*", help="bank sizes N (default 10^4; --full 10^4 10^5 10^6)")
+    parser.add_argument("--full", action="store_true",
+                        help="the issue's sizes (N up to 10^6; minutes; also MSA_FAST_BENCH_FULL=1)")
+    parser.add_argument("--sizes", type=int, nargs="*", metavar="N",
+                        help="bank sizes N (default 10^4; --full 10^4 10^5 10^6)")
     parser.add_argument("--queries", type=int, default=None, help="queries per search (default 256; --full 1024)")
-    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--dim", type=int, default=192, help="feature dimension of the bank rows (default 192)")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ≈ 4·√N, ≤ 1024)")
-    parser.add_argument("--nprobe", type=int, nargs="*", default=[4, 8, 16])
-    parser.add_argument("--train-size", type=int, default=65536, help="IVF training sample")
-    parser.add_argument("--partner-sizes", type=int, nargs="*", help="default 1284; --full 1284 16326")
-    parser.add_argument("--loop-rows", type=int, default=64, help="anchors timed for the official partner loop")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["bank", "partners", "in_batch"])
+    parser.add_argument("--nprobe", type=int, nargs="*", default=[4, 8, 16], metavar="P",
+                        help="IVF lists probed per query, one row each (default 4 8 16)")
+    parser.add_argument("--train-size", type=int, default=65536, help="IVF training sample (default 65536)")
+    parser.add_argument("--partner-sizes", type=int, nargs="*", metavar="N",
+                        help="rows of the partner benchmark (default 1284; --full 1284 16326)")
+    parser.add_argument("--loop-rows", type=int, default=64,
+                        help="anchors timed for the official partner loop, extrapolated to N (default 64)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, metavar="SECTION",
+                        help=f"sections to leave out: {' '.join(SECTIONS)} (default: run all)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -176,6 +198,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    import torch
+
     print(f"torch threads: {torch.get_num_threads()} (shared machine: timings are noisy)")
     print(format_table(run(args)))
+    return 0

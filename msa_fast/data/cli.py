@@ -1,4 +1,8 @@
-"""``msa-fast data synth|inspect``: write a synthetic MMSA pickle, or validate and summarise one."""
+"""``msa-fast data synth|inspect``: write a synthetic MMSA pickle, or validate and summarise one.
+
+The handlers (``run_synth``, ``run_inspect``) live here; the argument parsers live in ``msa_fast.data_args``, which
+imports without torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,37 +11,15 @@ import time
 import numpy as np
 
 from .mmsa import load_mmsa
-from .specs import DATASETS
 from .synthetic import save_mmsa, synthetic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="synthesise or inspect MMSA pickles",
-                       description="Synthesise an MMSA-layout pickle with a planted signal, or validate one.")
-    cmds = p.add_subparsers(dest="data_command", metavar="{synth,inspect}")
-    cmds.required = True
+    """Register ``msa-fast data``; the parsers live in the torch-free ``msa_fast.data_args`` (what ``msa_fast.cli``
+    uses, since importing this module imports torch through the ``msa_fast.data`` package)."""
+    from ..data_args import add_parser as _add_parser
 
-    s = cmds.add_parser("synth", help="write a synthetic MMSA pickle (MOSI / MOSEI / SIMS shapes)",
-                        description="Write a synthetic dataset in the exact MMSA pickle layout (see "
-                                    "msa_fast.data.synthetic for the planted cross-modal signal).")
-    s.add_argument("--dataset", default="mosi", choices=sorted(DATASETS), help="shapes to copy (default mosi)")
-    s.add_argument("--out", required=True, help="output pickle path")
-    s.add_argument("--n-train", type=int, default=None, help="train size (default: the real dataset's)")
-    s.add_argument("--n-valid", type=int, default=None, help="valid size (default: the real dataset's)")
-    s.add_argument("--n-test", type=int, default=None, help="test size (default: the real dataset's)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--aligned", action="store_true", help="aligned_50 layout (MOSI/MOSEI only)")
-    s.set_defaults(func=run_synth)
-
-    i = cmds.add_parser("inspect", help="validate an MMSA pickle and print shapes and statistics",
-                        description="Validate an MMSA pickle (keys, shapes, dtypes, lengths, padding, labels) and "
-                                    "print per-split shapes, length and label statistics.")
-    i.add_argument("file", help="MMSA pickle (e.g. MOSI/Processed/unaligned_50.pkl)")
-    i.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default train,valid,test)")
-    i.add_argument("--padding", default="auto", choices=("auto", "right", "left", "ignore"),
-                   help="padding check of audio/vision frames beyond *_lengths (default auto: right, or left "
-                        "detected and shifted; ignore: no check)")
-    i.set_defaults(func=run_inspect)
+    _add_parser(sub)
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -56,8 +56,30 @@ def get_config(name: str, dataset: str = "mosi", **overrides: Any) -> dict[str, 
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown config keys for model {name!r}: {unknown}; known keys: {sorted(config)}")
+    for key, value in overrides.items():
+        check_value_type(key, value, config[key], f"model {name!r} config key {key}")
     config.update(overrides)
     return config
+
+
+def check_value_type(key: str, value: Any, default: Any, what: str) -> None:
+    """TypeError naming ``what`` when ``value`` cannot stand where a number / flag / list default stands (a
+    ``--set d_model=abc`` must fail here, not deep inside the model). ``None`` and str / dict defaults (paths or
+    configs, e.g. ``bert``) are not checked; an int is accepted where a float is expected."""
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, expected = isinstance(value, (list, tuple)), "a JSON list"
+    else:
+        return
+    if not ok:
+        raise TypeError(f"{what} must be {expected} (default {default!r}), got {value!r}")
 
 
 def get_model_class(name: str) -> type:
