@@ -90,6 +90,14 @@ def doc_description(doc: str | None, width: int | None = None) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
+def smoke_requested(args: argparse.Namespace) -> bool:
+    """``--smoke`` given, or MSA_FAST_SMOKE=1 in the environment: run a command at its smallest sizes, only to check
+    that the path works (tests/test_readme.py runs every README command this way)."""
+    import os
+
+    return bool(getattr(args, "smoke", False)) or os.environ.get("MSA_FAST_SMOKE") == "1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The msa-fast parser, built without importing torch (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="msa-fast", description=DESCRIPTION)

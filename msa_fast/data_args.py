@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-test", type=int, default=None, help="test size (default: the real dataset's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--aligned", action="store_true", help="aligned_50 layout (MOSI/MOSEI only)")
+    s.add_argument("--smoke", action="store_true",
+                   help="32/16/16 samples unless sizes are given, only to check the path (also MSA_FAST_SMOKE=1)")
     s.set_defaults(func=_run_synth)
 
     i = cmds.add_parser("inspect", help="validate an MMSA pickle and print shapes and statistics",

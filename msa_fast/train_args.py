@@ -6,18 +6,14 @@ Kept free of torch so that ``msa-fast --help`` and ``msa-fast train --help`` ans
 from __future__ import annotations
 
 import argparse
-import os
+
+from .cli import smoke_requested  # noqa: F401  (re-exported for msa_fast.train)
 
 DEFAULT_MISSING_SEED = 1111  # MMSA's / LNLN's missing_seed
 SYNTHETIC_SIZES = {"n_train": 128, "n_valid": 64, "n_test": 64}
 #: ``--smoke`` (or MSA_FAST_SMOKE=1): synthetic sizes and epochs of a run that only checks the path works.
 SMOKE_SIZES = {"n_train": 32, "n_valid": 16, "n_test": 16}
 SMOKE_EPOCHS = 1
-
-
-def smoke_requested(args: argparse.Namespace) -> bool:
-    """``--smoke`` given, or MSA_FAST_SMOKE=1 in the environment (how the README docs test runs every command)."""
-    return bool(getattr(args, "smoke", False)) or os.environ.get("MSA_FAST_SMOKE") == "1"
 
 
 def _common_data_args(p: argparse.ArgumentParser, *, for_eval: bool) -> None:

@@ -34,7 +34,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         sp = suites.add_parser(name, help=first_paragraph(mod.__doc__, name), description=doc_description(mod.__doc__),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
-        sp.set_defaults(func=mod.main)
+        sp.add_argument("--smoke", action="store_true",
+                        help="smallest sizes and one repetition, only to check the suite runs (also MSA_FAST_SMOKE=1)")
+        sp.set_defaults(func=_suite_main, suite_module=mod.__name__)
+
+
+def _suite_main(args: argparse.Namespace) -> int:
+    """Run a suite; under ``--smoke`` its module's ``SMOKE`` settings replace the parsed ones first."""
+    from ..cli import smoke_requested
+
+    mod = importlib.import_module(args.suite_module)
+    if smoke_requested(args):
+        for name, value in getattr(mod, "SMOKE", {}).items():
+            setattr(args, name, value)
+    return mod.main(args)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -48,6 +48,10 @@ MODES = ("forward", "train")
 BERT_BASE_OVERRIDES = dict(vocab_size=30522, num_hidden_layers=12)
 
 
+#: ``--smoke``: batch 2, one timed call, no warm-up, in this process, tiny BERT.
+SMOKE = {"batch_size": 2, "repeats": 1, "warmup": 0, "in_process": True, "full_bert": False}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="MODEL",
                    help=f"models to benchmark: {' '.join(MODELS)} (default: all)")

@@ -299,6 +299,10 @@ def run(quick: bool = True) -> list[dict]:
     return run_cpu(full=not quick, repeat=3 if quick else 5)
 
 
+#: ``--smoke``: the tiny shapes, one timed run.
+SMOKE = {"full": False, "repeat": 1, "memory": False}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", default=os.environ.get("MSA_FAST_BENCH_FULL") == "1",
                         help="MOSI shapes (B=32, H=8, text 50, audio 376, vision 501) instead of tiny ones")

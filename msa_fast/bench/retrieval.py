@@ -161,6 +161,11 @@ def bench_in_batch(b: int = 256, d: int = 192, seed: int = 0) -> list[dict]:
     return rows
 
 
+#: ``--smoke``: a 2 000-row bank, 64 queries, one probe count, a 256-row partner case.
+SMOKE = {"full": False, "sizes": [2000], "queries": 64, "nprobe": [4], "train_size": 2000, "partner_sizes": [256],
+         "loop_rows": 8}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="the issue's sizes (N up to 10^6; minutes; also MSA_FAST_BENCH_FULL=1)")

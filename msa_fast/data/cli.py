@@ -23,12 +23,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    import os
+
+    from ..cli import smoke_requested
+
     start = time.perf_counter()
-    data = synthetic(args.dataset, args.n_train, args.n_valid, args.n_test, seed=args.seed, aligned=args.aligned)
+    n = [args.n_train, args.n_valid, args.n_test]
+    if smoke_requested(args):
+        n = [v if v is not None else d for v, d in zip(n, (32, 16, 16))]
+    data = synthetic(args.dataset, *n, seed=args.seed, aligned=args.aligned)
+    nbytes = sum(np.asarray(v).nbytes for split in data.values() for v in split.values()
+                 if np.asarray(v).dtype != object)
+    print(f"writing {args.out}: about {nbytes / 2**20:.0f} MiB (use --n-train/--n-valid/--n-test for a smaller "
+          f"file)" if nbytes > 64 * 2**20 else f"writing {args.out}: about {nbytes / 2**20:.1f} MiB", flush=True)
     save_mmsa(data, args.out)
     sizes = "/".join(str(len(data[s]["regression_labels"])) for s in ("train", "valid", "test"))
     print(f"wrote {args.out}: synthetic {args.dataset} {'aligned' if args.aligned else 'unaligned'} "
-          f"({sizes} samples, seed {args.seed}) in {time.perf_counter() - start:.1f} s")
+          f"({sizes} samples, seed {args.seed}, {os.path.getsize(args.out) / 2**20:.1f} MiB) in "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 
