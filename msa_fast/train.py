@@ -727,11 +727,11 @@ def _dict_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) -> l
 
 
 def refresh_train_state(model: nn.Module, train_set: MMSADataset) -> None:
-    """After loading weights: rebuild state derived from the train split with *these* weights (HME's memory bank,
-    ``build_memory_bank``), which is not part of the state_dict."""
-    build_bank = getattr(model, "build_memory_bank", None)
-    if build_bank is not None:
-        build_bank(train_set)
+    """After loading weights: rebuild state derived from the train split with *these* weights (``MSAModel.
+    refresh_train_state``, e.g. HME's memory bank), which is not part of the state_dict."""
+    refresh = getattr(model, "refresh_train_state", None)
+    if refresh is not None:
+        refresh(train_set)
 
 
 def _plain(obj: Any) -> Any:
@@ -1125,9 +1125,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Any = None, dataset
     check_data(data_dict, name, state["config"], ds, allow_label_range, source=source)
     use_tf = bool(state["config"].get("use_text_features", False))
     dataset = MMSADataset(data_dict[split], use_text_features=use_tf or None, validate=False, split=split)
-    if hasattr(model, "build_memory_bank"):
-        refresh_train_state(model, MMSADataset(data_dict["train"], use_text_features=use_tf or None,
-                                               validate=False, split="train"))
+    refresh_train_state(model, MMSADataset(data_dict["train"], use_text_features=use_tf or None, validate=False,
+                                           split="train"))
     spec = state.get("missing") if missing is None else missing
     seed = state.get("missing_seed", DEFAULT_MISSING_SEED) if missing_seed is None else missing_seed
     protocol = parse_missing(spec, seed=seed)
@@ -1157,24 +1156,13 @@ def find_checkpoints(folder: str | os.PathLike, model_name: Optional[str] = None
 
 
 # ---- demo -------------------------------------------------------------------------------------------------
-#: Smallest configurations for the demo run (precomputed text features, narrow layers; not the official sizes).
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "hme": {"use_text_features": True, "d_l": 32, "num_heads": 4, "layers": 1, "latent_layers": 1,
-            "final_layers": 1, "final_ffn_dim": 64, "hyper_depth": 1},
-    "lnln": {"use_text_features": True, "hidden_dim": 32, "mlp_dim": 32, "heads": 2, "dim_head": 16},
-    "dashfusion": {"use_text_features": True, "d_model": 32, "encoder_ff_dim": 64, "fusion_ff_dim": 64,
-                   "contrastive_weight": 0.0, "warmup_epochs": 0},
-}
-
-
 def short_training_run(quick: bool = True, model_name: str = "hme", seed: int = 1111) -> str:
-    """A few epochs of a tiny configuration of ``model_name`` (``TINY_CONFIGS``) on synthetic MOSI with the full
+    """A few epochs of a tiny configuration of ``model_name`` (``TINY_CONFIG``) on synthetic MOSI with the full
     protocol (select on valid, test once); returns the printed text. ``quick``: 128/64/64 samples, 4 epochs
     (a few seconds on one CPU core); otherwise 512/128/128 samples, 10 epochs."""
     from .models.registry import build, get_config
-    from .nn.text_encoder import TINY_BERT_CONFIG
 
-    overrides = {"bert": dict(TINY_BERT_CONFIG), **TINY_CONFIGS.get(model_name, {"use_text_features": True})}
+    overrides = smoke_model_overrides(model_name)
     n_train, n_eval, epochs = (128, 64, 4) if quick else (512, 128, 10)
     config = get_config(model_name, "mosi", **overrides)
     data = load_data("synthetic", "mosi", seed=0, aligned=_needs_aligned(config), n_train=n_train, n_valid=n_eval,
@@ -1201,10 +1189,12 @@ def short_training_run(quick: bool = True, model_name: str = "hme", seed: int = 
 
 # ---- CLI handlers (parsers: msa_fast.train_args) -----------------------------------------------------------
 def smoke_model_overrides(model_name: str) -> dict[str, Any]:
-    """The model's tiny configuration (``TINY_CONFIGS``) with the tiny BERT: what ``--smoke`` runs."""
+    """The model's ``TINY_CONFIG`` with the tiny BERT: what ``--smoke``, the demo and the contract tests run."""
+    from .models.registry import get_model_class
     from .nn.text_encoder import TINY_BERT_CONFIG
 
-    return {"bert": dict(TINY_BERT_CONFIG), **TINY_CONFIGS.get(model_name.lower(), {"use_text_features": True})}
+    tiny = dict(getattr(get_model_class(model_name), "TINY_CONFIG", {"use_text_features": True}))
+    return {"bert": dict(TINY_BERT_CONFIG), **tiny}
 
 
 def main_train(args: argparse.Namespace) -> int:

@@ -110,7 +110,7 @@ def test_bench_models_cli(capsys, isolation):
     from msa_fast.bench.models import available_models
 
     if "hme" not in available_models(["hme"]):
-        pytest.skip("msa_fast/bench/models_hme.py not present")
+        pytest.skip("msa_fast/models/hme/bench.py not present")
     rc = main(["bench", "models", "--models", "hme", "--batch-size", "1", "--modes", "forward", "--variants",
                "bert", "--backends", "torch", "--repeats", "1", "--warmup", "0", *isolation])
     assert rc == 0

@@ -17,15 +17,14 @@ import torch
 from msa_fast.data.batch import Batch
 from msa_fast.data.dataset import MMSADataset, select_rows
 from msa_fast.models.registry import available_models, build, get_config
-from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
-from msa_fast.train import TINY_CONFIGS, _needs_aligned, evaluate, load_data, refresh_train_state
+from msa_fast.train import _needs_aligned, evaluate, load_data, refresh_train_state, smoke_model_overrides
 
 N_TRAIN, N_TEST = 24, 13
 EVAL_BATCH_SIZES = (1, 5, N_TEST)  # 5 leaves a last batch of 3; N_TEST = all at once
 
 
 def _overrides(name: str, text: str) -> dict:
-    over = {"bert": dict(TINY_BERT_CONFIG), **TINY_CONFIGS.get(name, {"use_text_features": True})}
+    over = smoke_model_overrides(name)
     over["use_text_features"] = text == "features"
     return over
 
@@ -62,7 +61,7 @@ def _permuted(dataset: MMSADataset, perm: torch.Tensor) -> MMSADataset:
 
 
 @pytest.mark.parametrize("text", ["features", "bert"])
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("name", available_models(library_only=True))
 def test_eval_predictions_do_not_depend_on_the_batch(name, text):
     model, test = _setup(name, text)
     runs = {bs: evaluate(model, test, "mosi", batch_size=bs, return_predictions=True) for bs in EVAL_BATCH_SIZES}

@@ -10,7 +10,7 @@ import torch
 from msa_fast.data.batch import Batch
 from msa_fast.data.dataset import select_rows
 from msa_fast.models import build
-from msa_fast.models.dashfusion_partners import draw_partners, official_pair_indices, partner_ntxent_loss
+from msa_fast.models.dashfusion.partners import draw_partners, official_pair_indices, partner_ntxent_loss
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.partners import official_partner_loop
 
@@ -451,7 +451,7 @@ def test_it_learns_on_synthetic_mosi():
 
 
 def test_bench_factory_runs():
-    from msa_fast.bench.models_dashfusion import setup
+    from msa_fast.models.dashfusion.bench import setup
 
     model, batch = setup(batch_size=2)
     model.eval()

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import msa_fast.models.hme as hme_module
+import msa_fast.models.hme.model as hme_module
 from msa_fast.data.alignment import word_align
 from msa_fast.data.batch import Batch
 from msa_fast.models import build
-from msa_fast.models.hme_layers import CrossAttention, MulTEncoder
+from msa_fast.models.hme.layers import CrossAttention, MulTEncoder
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 from msa_fast.retrieval.in_batch import official_loop_retrieve
 

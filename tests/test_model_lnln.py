@@ -10,7 +10,7 @@ import torch
 
 from msa_fast.data.batch import Batch
 from msa_fast.models import build
-from msa_fast.models.lnln_layers import (HyperModalityLayer, PreNormHyper, TokenTransformer, grad_reverse)
+from msa_fast.models.lnln.layers import (HyperModalityLayer, PreNormHyper, TokenTransformer, grad_reverse)
 from msa_fast.nn.text_encoder import TINY_BERT_CONFIG
 
 from parity_fixtures import load_parity
@@ -475,7 +475,7 @@ def test_same_seed_same_numbers():
 
 
 def test_benchmark_factory_gives_an_erased_batch_with_its_complete_view():
-    from msa_fast.bench.models_lnln import setup
+    from msa_fast.models.lnln.bench import setup
 
     model, batch = setup(batch_size=2, audio_len=40, vision_len=30)  # shorter windows keep the smoke test cheap
     assert batch.complete is not None and batch.missing_rates.shape == (2, 3)
@@ -550,7 +550,7 @@ def test_it_learns_beyond_the_mean_and_the_text_only_ablation():
 def test_tokens_only_compressor_equals_the_official_first_rows():
     """The last layer computing only the T summary rows gives the official all-rows output's first T rows (forward
     and parameter / input gradients): an algorithmic win that changes no number."""
-    from msa_fast.models.lnln_layers import TokenTransformer
+    from msa_fast.models.lnln.layers import TokenTransformer
 
     torch.manual_seed(0)
     full = TokenTransformer(40, 8, 32, depth=2, heads=4, mlp_dim=16, dim_head=8).double()

@@ -353,12 +353,12 @@ def test_hme_style_config_keys_resolve():
 
 @register("dummy_bank")
 class BankModel(DummyLinear):
-    """Records ``build_memory_bank`` calls (state derived from the train split, rebuilt after loading weights)."""
+    """Records ``refresh_train_state`` calls (state derived from the train split, rebuilt after loading weights)."""
 
     CONFIGS = DummyLinear.CONFIGS
     bank_calls: list = []
 
-    def build_memory_bank(self, train_data):
+    def refresh_train_state(self, train_data):
         BankModel.bank_calls.append((len(train_data), self.proj.weight.detach().clone()))
 
 

@@ -3,8 +3,8 @@
 ``msa-fast bench models [--models dashfusion lnln hme] [--batch-size 16] [--full-bert] [--variants bert features]
 [--backends auto torch] [--modes forward train] [--repeats 3] [--device cpu|cuda] [--in-process] [--json FILE]``
 
-Cases = model × variant × backend × mode, each from the per-model factory
-``msa_fast.bench.models_<name>.setup(batch_size, dataset, full_bert=False) -> (model, batch)``:
+Cases = model × variant × backend × mode, each from the model's factory ``MSAModel.bench_inputs`` (the method
+package's ``bench.py``: ``setup(batch_size, dataset, full_bert=False) -> (model, batch)``):
 
 - variants: ``bert`` = the factory's model with a randomly initialised BERT (1-layer ``TINY_BERT_CONFIG`` by default;
   ``--full-bert`` = a BERT-base-sized random ``BertConfig``, 12 layers, no download); ``features`` = the same config
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import resource
@@ -37,9 +36,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
-MODELS = ("dashfusion", "lnln", "hme")
+def _benchmarked_methods() -> tuple[str, ...]:
+    """Method packages that ship a benchmark factory (``msa_fast/models/<method>/bench.py``): a folder scan, so the
+    ``--models`` choices need neither torch nor a hand-kept list."""
+    root = Path(__file__).resolve().parents[1] / "models"
+    return tuple(sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file() and (p / "bench.py").is_file()))
+
+
+MODELS = _benchmarked_methods()
 VARIANTS = ("bert", "features")
 BACKENDS = ("auto", "torch")
 MODES = ("forward", "train")
@@ -70,15 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def available_models(names) -> dict[str, Any]:
-    """{name: factory module} for the models whose ``msa_fast.bench.models_<name>`` exists."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.import_module(f"msa_fast.bench.models_{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"msa_fast.bench.models_{name}":
-                raise
-    return found
+    """{name: model class} for the names among ``names`` that have a benchmark factory."""
+    from ..models.registry import get_model_class
+
+    return {name: get_model_class(name) for name in names if name in MODELS}
 
 
 # ---- one case ----------------------------------------------------------------------------------------------
@@ -113,8 +115,7 @@ def build_case(model_name: str, variant: str, batch_size: int = 16, dataset: str
     from ..models.registry import get_model_class
     from ..nn.text_encoder import TINY_BERT_CONFIG
 
-    factory = importlib.import_module(f"msa_fast.bench.models_{model_name}")
-    model, batch = factory.setup(batch_size=batch_size, dataset=dataset, full_bert=False)
+    model, batch = get_model_class(model_name).bench_inputs(batch_size=batch_size, dataset=dataset, full_bert=False)
     config = dict(model.config)
     rebuild = False
     if full_bert and variant == "bert":

@@ -1,7 +1,24 @@
-"""The interface every drop-in model implements (what the trainer and CLI rely on)."""
+"""The interface every drop-in model implements (what the trainer, the CLI and the benchmarks rely on).
+
+A method lives in one package, ``msa_fast/models/<method>/``: ``model.py`` (the ``@register``-ed ``MSAModel``
+subclasses), its layers, its extras, and optionally ``bench.py`` with the benchmark input factory
+``setup(batch_size=16, dataset="mosi", full_bert=False, seed=0, device=None) -> (model, batch)``. The registry finds
+it by scanning the ``msa_fast.models`` packages; nothing outside the folder names the method. What the trainer needs
+from a method is declared here, on ``MSAModel``:
+
+- ``TINY_CONFIG``: overrides of the smallest configuration (tests, ``--smoke``, the demo);
+- ``training_step`` / ``loss`` / ``forward``: the objective;
+- ``optimizer_param_groups()``: parameter groups of the optimizer (e.g. a no-decay rule);
+- ``prepare_epoch(epoch, train_data)``: per-epoch cross-sample work (partner retrieval, recording the train split);
+- ``epoch_state()`` / ``load_epoch_state()``: what that work carries across epochs (checkpointed for exact resume);
+- ``refresh_train_state(train_data)``: state derived from the train split with the current weights (a memory
+  bank), rebuilt after weights are loaded (best checkpoint, ``eval``);
+- ``bench_inputs(...)``: the benchmark factory (from the package's ``bench.py``).
+"""
 from __future__ import annotations
 
 import abc
+import importlib
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +37,10 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
 
     model_name: str = ""
     CONFIGS: dict[str, dict[str, Any]] = {}
+    #: Overrides (on top of the model×dataset config) of the smallest configuration that still runs every part of
+    #: the model: used by the contract tests, ``msa-fast train --smoke`` and the demo. The tiny BERT is added by the
+    #: caller (``msa_fast.nn.text_encoder.TINY_BERT_CONFIG``).
+    TINY_CONFIG: dict[str, Any] = {"use_text_features": True}
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -53,6 +74,29 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
         """Restore what ``epoch_state`` returned (default: nothing to restore)."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no epoch state, got keys {sorted(state)}")
+
+    def refresh_train_state(self, train_data: Any) -> None:
+        """Rebuild state derived from the train split with the *current* weights that is not part of the state_dict
+        (HME's memory bank). The trainer calls it after loading weights (best checkpoint, ``eval``). Default:
+        nothing."""
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the optimizer (``[{"params": [...], "weight_decay": ...}, ...]``); group keys the
+        model leaves out take the trainer's settings. Default: one group with every parameter."""
+        return [{"params": list(self.parameters())}]
+
+    @classmethod
+    def bench_inputs(cls, batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
+                     device: Any = None) -> tuple["MSAModel", Batch]:
+        """(model, batch) for the benchmarks: ``setup`` of the method package's ``bench.py``."""
+        package = cls.__module__.rsplit(".", 1)[0]
+        try:
+            factory = importlib.import_module(f"{package}.bench")
+        except ModuleNotFoundError as err:
+            if err.name != f"{package}.bench":
+                raise
+            raise TypeError(f"{cls.__name__} has no benchmark factory ({package}/bench.py with setup(...))") from None
+        return factory.setup(batch_size=batch_size, dataset=dataset, full_bert=full_bert, seed=seed, device=device)
 
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} has no official state_dict mapping")

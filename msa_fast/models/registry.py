@@ -96,18 +96,24 @@ def build(name: str, dataset: str = "mosi", **overrides: Any):
     return cls(get_config(name, dataset, **overrides))
 
 
-def available_models() -> list[str]:
+def available_models(library_only: bool = False) -> list[str]:
+    """Registered model names; ``library_only``: only the models of the method packages (not ones a user or a test
+    registered elsewhere)."""
     _import_all()
-    return sorted(MODEL_MAP)
+    return sorted(k for k, cls in MODEL_MAP.items() if not library_only or cls.__module__.startswith(__package__ + "."))
+
+
+def method_packages() -> list[str]:
+    """Names of the method packages ``msa_fast/models/<method>/`` (a folder scan: nothing lists them by hand)."""
+    import pkgutil
+    from pathlib import Path
+
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.ispkg)
 
 
 def _import_all() -> None:
-    # Importing the model modules runs their @register decorators.
+    """Import every method package: their ``@register`` decorators fill ``MODEL_MAP``."""
     import importlib
 
-    for module in ("dashfusion", "lnln", "hme"):
-        try:
-            importlib.import_module(f"msa_fast.models.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"msa_fast.models.{module}":
-                raise
+    for name in method_packages():
+        importlib.import_module(f"msa_fast.models.{name}")

@@ -60,17 +60,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.alignment import word_align
-from ..data.batch import Batch
-from ..nn.dropout import Dropout
-from ..nn.text_encoder import build_bert
-from .base import MSAModel
-from .hme_layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
+from ...data.alignment import word_align
+from ...data.batch import Batch
+from ...nn.dropout import Dropout
+from ...nn.text_encoder import build_bert
+from ..base import MSAModel
+from .layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
                          VIBEstimate)
-from ..retrieval.in_batch import in_batch_retrieve
-from ..retrieval.memory_bank import MemoryBank
-from .hme_retrieval import bank_retrieve, build_hme_bank
-from .registry import register
+from ...retrieval.in_batch import in_batch_retrieve
+from ...retrieval.memory_bank import MemoryBank
+from .retrieval import bank_retrieve, build_hme_bank
+from ..registry import register
 
 MODS = ("l", "a", "v")
 PAIRS = ("l2a", "l2v", "a2l", "a2v", "v2l", "v2a")
@@ -87,6 +87,8 @@ class HME(MSAModel):
     (B, L, 768; BERT only). ``details=True`` adds ``retrieval.cos_*`` (B, N) and ``retrieval.neighbours_*``.
     """
 
+    TINY_CONFIG = {"use_text_features": True, "d_l": 32, "num_heads": 4, "layers": 1, "latent_layers": 1,
+                   "final_layers": 1, "final_ffn_dim": 64, "hyper_depth": 1}
     CONFIGS: dict[str, dict[str, Any]] = {
         "common": {
             "bert": "bert-base-uncased",
@@ -310,6 +312,10 @@ class HME(MSAModel):
         self._bank_stale = True
 
     @torch.no_grad()
+    def refresh_train_state(self, train_data: Any) -> None:
+        """The memory bank is derived from the train split with the current weights: rebuild it."""
+        self.build_memory_bank(train_data)
+
     def build_memory_bank(self, train_data: Any) -> None:
         """Encode the train split (eval mode) into the bank (``msa_fast.retrieval.MemoryBank``): H_m per sample, by
         ``Batch.index``, in batches of ``bank_batch_size``. A modality the train data marks missing

@@ -5,12 +5,12 @@ from typing import Optional
 
 import torch
 
-from ..data.batch import Batch
-from ..data.dataset import MMSADataset
-from ..data.synthetic import synthetic
-from ..models.dashfusion import DashFusion
-from ..models.registry import build
-from ..nn.text_encoder import TINY_BERT_CONFIG
+from ...data.batch import Batch
+from ...data.dataset import MMSADataset
+from ...data.synthetic import synthetic
+from .model import DashFusion
+from ..registry import build
+from ...nn.text_encoder import TINY_BERT_CONFIG
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,

@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..data.batch import Batch
-from ..data.dataset import iterate_batches
-from ..retrieval.memory_bank import MemoryBank
+from ...data.batch import Batch
+from ...data.dataset import iterate_batches
+from ...retrieval.memory_bank import MemoryBank
 
 
 @torch.no_grad()

@@ -5,13 +5,13 @@ from typing import Optional
 
 import torch
 
-from ..data.batch import Batch
-from ..data.dataset import MMSADataset
-from ..data.missing import ModalityDrop
-from ..data.synthetic import synthetic
-from ..models.hme import HME
-from ..models.registry import build
-from ..nn.text_encoder import TINY_BERT_CONFIG
+from ...data.batch import Batch
+from ...data.dataset import MMSADataset
+from ...data.missing import ModalityDrop
+from ...data.synthetic import synthetic
+from .model import HME
+from ..registry import build
+from ...nn.text_encoder import TINY_BERT_CONFIG
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,

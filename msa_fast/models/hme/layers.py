@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.attention import merge_heads, split_heads
-from ..nn.dropout import Dropout
-from ..ops import attention
-from ..ops import dropout as fused_dropout
+from ...nn.attention import merge_heads, split_heads
+from ...nn.dropout import Dropout
+from ...ops import attention
+from ...ops import dropout as fused_dropout
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:

@@ -51,14 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..data.dataset import SplitRows, concat_batches
-from ..nn.text_encoder import build_bert
-from ..ops import masked_mean
-from .base import MSAModel
-from .dashfusion_layers import FrameEncoder, HierarchicalBottleneckFusion, TemporalAlignment, TextProjector
-from .dashfusion_partners import draw_partners, partner_ntxent_loss, retrieval_labels, retrieve_partner_pools
-from .registry import register
+from ...data.batch import Batch
+from ...data.dataset import SplitRows, concat_batches
+from ...nn.text_encoder import build_bert
+from ...ops import masked_mean
+from ..base import MSAModel
+from .layers import FrameEncoder, HierarchicalBottleneckFusion, TemporalAlignment, TextProjector
+from .partners import draw_partners, partner_ntxent_loss, retrieval_labels, retrieve_partner_pools
+from ..registry import register
 
 #: Output keys whose dim 1 is the text length (cropped back to the anchors' L after a joint anchor+partner pass).
 TEXT_SEQ_KEYS = ("bert.last_hidden_state", "text_encoder.all", "text_encoder.valid", "temporal_alignment.H")
@@ -68,6 +68,8 @@ TEXT_SEQ_KEYS = ("bert.last_hidden_state", "text_encoder.all", "text_encoder.val
 class DashFusion(MSAModel):
     """``forward(batch) -> {"M": (B,), intermediates}``; ``training_step`` adds the partner contrastive term."""
 
+    TINY_CONFIG = {"use_text_features": True, "d_model": 32, "encoder_ff_dim": 64, "fusion_ff_dim": 64,
+                   "contrastive_weight": 0.0, "warmup_epochs": 0}
     CONFIGS: dict[str, dict[str, Any]] = {
         "common": {
             "bert": "bert-base-uncased",

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import attention, bottleneck_exchange, dropout, masked_mean, multi_source_attention
-from ..nn.attention import merge_heads, split_heads
-from ..nn.dropout import Dropout
+from ...ops import attention, bottleneck_exchange, dropout, masked_mean, multi_source_attention
+from ...nn.attention import merge_heads, split_heads
+from ...nn.dropout import Dropout
 
 
 def dropout_or_identity(p: float) -> nn.Module:

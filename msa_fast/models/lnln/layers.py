@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import attention, multi_source_attention
-from ..nn.attention import merge_heads, split_heads
+from ...ops import attention, multi_source_attention
+from ...nn.attention import merge_heads, split_heads
 
 
 class _GradientReversal(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..retrieval.partners import label_aware_partners
+from ...retrieval.partners import label_aware_partners
 
 PARTNER_KINDS = ("ss", "dd", "sd")  # draw order per anchor: 2 of each
 PARTNERS_PER_ANCHOR = 6

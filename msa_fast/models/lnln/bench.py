@@ -10,23 +10,23 @@ The model is returned in train mode; ``overrides`` go to the config (e.g. ``shar
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from ..data.batch import Batch
-from ..nn.text_encoder import TINY_BERT_CONFIG
+from ...data.batch import Batch
+from ...nn.text_encoder import TINY_BERT_CONFIG
 
 #: BERT-base shape (bert-base-uncased; SIMS' bert-base-chinese differs only in the vocabulary size).
 BERT_BASE_CONFIG: dict[str, Any] = dict(TINY_BERT_CONFIG, vocab_size=30522, num_hidden_layers=12)
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
-          **overrides: Any) -> tuple[torch.nn.Module, Batch]:
-    from ..data.dataset import MMSADataset
-    from ..data.missing import TokenErasure
-    from ..data.synthetic import synthetic
-    from ..models import build
+          device: Optional[torch.device | str] = None, **overrides: Any) -> tuple[torch.nn.Module, Batch]:
+    from ...data.dataset import MMSADataset
+    from ...data.missing import TokenErasure
+    from ...data.synthetic import synthetic
+    from ..registry import build
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -38,4 +38,6 @@ def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, 
                      text_features=bool(overrides.get("use_text_features", False)))
     complete = MMSADataset(data["train"], split="train")[list(range(batch_size))]
     batch = TokenErasure(seed=seed)(complete, epoch=0, split="train")
+    if device is not None:
+        model, batch = model.to(device), batch.to(device)
     return model, batch

@@ -62,11 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..nn.text_encoder import build_bert
-from .base import MSAModel
-from .lnln_layers import CrossTransformer, GradientReversalLayer, HyperModalityEncoder, TokenTransformer
-from .registry import register
+from ...data.batch import Batch
+from ...nn.text_encoder import build_bert
+from ..base import MSAModel
+from .layers import CrossTransformer, GradientReversalLayer, HyperModalityEncoder, TokenTransformer
+from ..registry import register
 
 SHARE_MODES = ("auto", "always", "never")
 COMPLETENESS_TARGETS = ("drawn", "realised")
@@ -113,6 +113,7 @@ class LNLN(MSAModel):
     (B, 3T, d) and ``effectiveness_discriminator_out`` (2·B·T, 2).
     """
 
+    TINY_CONFIG = {"use_text_features": True, "hidden_dim": 32, "mlp_dim": 32, "heads": 2, "dim_head": 16}
     CONFIGS: dict[str, dict[str, Any]] = {
         "common": {
             "bert": "bert-base-uncased",
