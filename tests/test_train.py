@@ -393,3 +393,46 @@ def test_mmsa_nested_config_file_is_flattened():
     assert flatten_mmsa_config({"lr": 3e-4}, "lnln", "mosi") == {"lr": 3e-4}  # flat files pass through
     with pytest.raises(ValueError, match="no entry for model 'hme'"):
         flatten_mmsa_config(nested, "hme", "mosi")
+
+
+@register("dummy_two_optimizers")
+class TwoOptimizers(DummyLinear):
+    """Declares two optimizers (as MMCL's model / actor): the projection at one learning rate, the head at another."""
+
+    CONFIGS = DummyLinear.CONFIGS
+
+    def optimizer_param_groups(self):
+        return {"body": [{"params": list(self.proj.parameters())}],
+                "head": [{"params": list(self.bert_like.parameters()), "lr": 1e-4}]}
+
+
+def test_several_optimizers_step_checkpoint_and_resume_exactly(data, tmp_path):
+    import msa_fast.train as T
+
+    class Stop(Exception):
+        pass
+
+    def kill(trainer, epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    straight = Trainer(_build("dummy_two_optimizers"), data["train"], data["valid"], data["test"],
+                       _cfg(epochs=2, checkpoint_dir=str(tmp_path / "a")))
+    assert sorted(straight.optim.optimizers) == ["body", "head"]
+    assert straight.optim.optimizers["head"].param_groups[0]["lr"] == 1e-4
+    head0 = straight.model.bert_like.weight.detach().clone()
+    straight.fit()
+    assert not torch.equal(head0, straight.model.bert_like.weight)  # the second optimizer stepped too
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert sorted(state["optim"]["optimizers"]) == ["body", "head"]
+
+    with pytest.raises(Stop):
+        Trainer(_build("dummy_two_optimizers"), data["train"], data["valid"], data["test"],
+                _cfg(epochs=2, checkpoint_dir=str(tmp_path / "b")), on_epoch_end=kill).fit()
+    resumed = Trainer(_build("dummy_two_optimizers"), data["train"], data["valid"], data["test"],
+                      _cfg(epochs=2, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    resumed.fit()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="2 optimizers"):
+        T.build_optimizer(_build("dummy_two_optimizers"), straight.cfg)

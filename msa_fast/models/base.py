@@ -80,9 +80,11 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
         (HME's memory bank). The trainer calls it after loading weights (best checkpoint, ``eval``). Default:
         nothing."""
 
-    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+    def optimizer_param_groups(self) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
         """Parameter groups of the optimizer (``[{"params": [...], "weight_decay": ...}, ...]``); group keys the
-        model leaves out take the trainer's settings. Default: one group with every parameter."""
+        model leaves out take the trainer's settings. A dict ``{name: groups}`` declares several optimizers (e.g. a
+        model, an actor and a critic), each with its own schedule, stepped and checkpointed together by the
+        trainer (``msa_fast.train.OptimizerSet``). Default: one group with every parameter."""
         return [{"params": list(self.parameters())}]
 
     @classmethod

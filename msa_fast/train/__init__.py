@@ -49,7 +49,7 @@ from .config import _resolve_device, _split_overrides  # noqa: F401  (used by te
 from .data import check_data, describe_data_source, load_data, write_predictions
 from .data import _needs_aligned  # noqa: F401
 from .loop import MissingSchedule, Trainer, evaluate, refresh_train_state
-from .optim import adamw, build_optimizer, build_scheduler
+from .optim import OptimizerSet, adamw, build_optimizer, build_scheduler
 from .run import evaluate_checkpoint, find_checkpoints, run, short_training_run, smoke_model_overrides
 from .state import atomic_save, set_seed
 from .cli import main_eval, main_train
@@ -58,7 +58,7 @@ from ..train_args import DEFAULT_MISSING_SEED, SYNTHETIC_SIZES
 __all__ = [
     "TrainConfig", "Trainer", "MissingSchedule", "run", "evaluate", "evaluate_checkpoint", "find_checkpoints",
     "load_data", "check_data", "describe_data_source", "write_predictions", "build_optimizer", "build_scheduler",
-    "adamw", "flatten_mmsa_config", "read_config_file", "MMSA_KEY_MAP", "MMSA_PIPELINE_KEYS", "atomic_save",
+    "adamw", "OptimizerSet", "flatten_mmsa_config", "read_config_file", "MMSA_KEY_MAP", "MMSA_PIPELINE_KEYS", "atomic_save",
     "set_seed", "parse_overrides", "short_training_run", "smoke_model_overrides", "refresh_train_state",
     "main_train", "main_eval", "DEFAULT_SEEDS", "DEFAULT_MISSING_SEED", "SYNTHETIC_SIZES", "is_minimised",
 ]

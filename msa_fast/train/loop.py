@@ -21,7 +21,7 @@ from ..rundir import RunLog
 from ..train_args import DEFAULT_MISSING_SEED
 from .config import TrainConfig, _resolve_device, is_minimised
 from .state import _RESUME_FREE_KEYS, _dict_diff, _load, _plain, _rng_state, _set_rng_state, atomic_save
-from .optim import build_optimizer, build_scheduler
+from .optim import OptimizerSet
 
 
 # ---- missing-data schedule -----------------------------------------------------------------------------
@@ -148,9 +148,8 @@ class Trainer:
             raise ValueError("train_data is empty")
         self.missing = MissingSchedule.from_spec(self.cfg.missing, self.cfg.seed, self.cfg.missing_seed,
                                                  self.cfg.missing_train)
-        self.optimizer = build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = math.ceil(len(self.train_set) / self.cfg.batch_size)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
+        self.optim = OptimizerSet(self.model, self.cfg, self.steps_per_epoch)
         self.minimise = is_minimised(self.cfg.key_eval)
         self.on_epoch_end = on_epoch_end
         self.history: list[dict] = []
@@ -163,6 +162,11 @@ class Trainer:
         self.stop_reason: Optional[str] = None  # "max_epochs" | "early_stop" once finished
         self.ckpt_dir = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
         self._log_file = RunLog(self.cfg.log_file) if self.cfg.log_file else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The (first) optimizer; ``self.optim`` holds every optimizer the model declares."""
+        return self.optim.main
 
     # -- logging --
     def log(self, msg: str) -> None:
@@ -203,8 +207,7 @@ class Trainer:
         state = {
             "format": "msa_fast.train/1", "model": self.model.state_dict(),
             "model_name": getattr(self.model, "model_name", ""), "dataset": self.cfg.dataset, "seed": self.cfg.seed,
-            "config": _plain(getattr(self.model, "config", {})), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+            "config": _plain(getattr(self.model, "config", {})), "optim": self.optim.state_dict(), "epoch": epoch,
             "rng": _rng_state(), "best_value": self.best_value, "best_epoch": self.best_epoch,
             "history": json.loads(json.dumps(self.history)), "test_best": dict(self.test_best),
             "finished": self.finished, "stop_reason": self.stop_reason, "train_config": _plain(asdict(self.cfg)),
@@ -230,8 +233,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if state.get("epoch_state") and hasattr(self.model, "load_epoch_state"):
             self.model.load_epoch_state(state["epoch_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if "optim" in state:
+            self.optim.load_state_dict(state["optim"])
+        else:  # a last.pt of the single-optimizer format
+            self.optim.load_state_dict({"optimizers": {"main": state["optimizer"]},
+                                        "schedulers": {"main": state["scheduler"]}})
         _set_rng_state(state["rng"])
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.history, self.test_best = list(state["history"]), dict(state["test_best"])
@@ -277,8 +283,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         if self.cfg.reset_optimizer_each_epoch and epoch > 1:  # official HME behaviour (flag only)
-            self.optimizer = build_optimizer(self.model, self.cfg)
-            self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
+            self.optim = OptimizerSet(self.model, self.cfg, self.steps_per_epoch)
         prepare = getattr(self.model, "prepare_epoch", None)
         if prepare is not None:
             prepare(epoch, self.train_set)
@@ -294,15 +299,15 @@ class Trainer:
             batch = _apply(train_protocol, batch.to(self.device), epoch, "train")
             out = self.model.training_step(batch)
             loss = out["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optim.zero_grad()
             loss.backward()
             if self.cfg.grad_clip_value is not None:
                 nn.utils.clip_grad_value_(self.model.parameters(), float(self.cfg.grad_clip_value))
             if self.cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.grad_clip))
-            self.optimizer.step()
+            self.optim.step()
             if self.cfg.schedule_step == "batch":
-                self.scheduler.step()
+                self.optim.schedule_step()
             loss_sum += loss.detach().double() * batch.batch_size
             n += batch.batch_size
             preds.append(out["M"].detach().float().reshape(-1))
@@ -314,7 +319,7 @@ class Trainer:
             raise FloatingPointError(f"non-finite training loss ({mean_loss}) in epoch {epoch}: diverged training? "
                                      f"(lower the learning rate or clip gradients)")
         if self.cfg.schedule_step == "epoch":
-            self.scheduler.step()
+            self.optim.schedule_step()
         metrics = dict(compute_metrics(torch.cat(preds).cpu().numpy(), torch.cat(truths).cpu().numpy(),
                                        self.cfg.dataset))
         metrics["Loss"] = round(mean_loss, 4)
@@ -343,7 +348,7 @@ class Trainer:
             if value is None:
                 raise ValueError(f"key_eval {self.cfg.key_eval!r} is not a metric; choose from {sorted(valid_m)}")
             improved = _better(value, self.best_value, self.minimise)
-            record = {"epoch": epoch, "train": train_m, "valid": valid_m, "lr": self.scheduler.get_last_lr()[0],
+            record = {"epoch": epoch, "train": train_m, "valid": valid_m, "lr": self.optim.last_lr(),
                       "seconds": round(time.perf_counter() - start, 3)}
             if self.cfg.select_on == "test_per_metric" and self.test_set is not None:
                 record["test"] = self._evaluate(self.test_set, "test")

@@ -2,20 +2,35 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+
 from .config import TrainConfig
 
 
+def _param_spec(model: nn.Module) -> dict[str, list[dict]]:
+    """``model.optimizer_param_groups()`` as ``{optimizer name: groups}``: a list of groups is one optimizer
+    (``"main"``); a dict names several (e.g. a model, an actor and a critic trained by their own optimizers)."""
+    spec = model.optimizer_param_groups() if hasattr(model, "optimizer_param_groups") else \
+        [{"params": list(model.parameters())}]
+    named = dict(spec) if isinstance(spec, Mapping) else {"main": spec}
+    if not named:
+        raise ValueError("optimizer_param_groups() returned no optimizer")
+    return {str(k): [dict(g) for g in v] for k, v in named.items()}
 
-# ---- optimisation -----------------------------------------------------------------------------------------
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over ``model.optimizer_param_groups()`` (if defined) or all parameters; ``bert_lr`` splits groups."""
-    if hasattr(model, "optimizer_param_groups"):
-        groups = [dict(g) for g in model.optimizer_param_groups()]
-    else:
-        groups = [{"params": [p for p in model.parameters()]}]
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: Optional[Sequence[dict]] = None,
+                    ) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (default: the model's single optimizer's groups, ``optimizer_param_groups()``, or all
+    parameters); ``bert_lr`` splits groups. Models with several optimizers go through ``OptimizerSet``."""
+    if groups is None:
+        named = _param_spec(model)
+        if len(named) != 1:
+            raise ValueError(f"the model declares {len(named)} optimizers {sorted(named)}: use OptimizerSet")
+        (groups,) = named.values()
+    groups = [dict(g) for g in groups]
     for g in groups:
         g["params"] = [p for p in g["params"] if p.requires_grad]
         g.setdefault("weight_decay", cfg.weight_decay)
@@ -65,4 +80,45 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class OptimizerSet:
+    """Every optimizer a model declares (``optimizer_param_groups()``: a list = one, a dict = several by name), each
+    with its own schedule (``build_scheduler``), zeroed, stepped and checkpointed together."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+        self.optimizers = {name: build_optimizer(model, cfg, groups) for name, groups in _param_spec(model).items()}
+        self.schedulers = {name: build_scheduler(opt, cfg, steps_per_epoch) for name, opt in self.optimizers.items()}
+
+    @property
+    def main(self) -> torch.optim.Optimizer:
+        """The first optimizer (the only one for most models)."""
+        return next(iter(self.optimizers.values()))
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def schedule_step(self) -> None:
+        for sched in self.schedulers.values():
+            sched.step()
+
+    def last_lr(self) -> float:
+        return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state["optimizers"]) != set(self.optimizers):
+            raise ValueError(f"checkpoint optimizers {sorted(state['optimizers'])} differ from the model's "
+                             f"{sorted(self.optimizers)}")
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+            self.schedulers[k].load_state_dict(state["schedulers"][k])
 
