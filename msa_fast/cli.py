@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (msa-fast train --nproc relaunches it)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as err:
         # Bad input gets one clear line, not a traceback (set MSA_FAST_DEBUG=1 for the traceback).
         import os
 

@@ -76,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue each seed from its last.pt (refused if the configuration changed)")
     t.add_argument("--select-on", default="valid", choices=("valid", "test_per_metric"),
                    help="checkpoint selection; test_per_metric = LNLN's leaky official protocol (reproduction only)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training on N processes of this machine through torchrun (gloo on CPU, NCCL on "
+                        "GPU); same as torchrun --nproc-per-node N -m msa_fast train ... (default 1)")
     t.add_argument("--save-predictions", action="store_true",
                    help="write each seed's test predictions (id, label, prediction) as CSV under OUT/results")
     t.set_defaults(func=_train_main)

@@ -41,6 +41,10 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     #: the model: used by the contract tests, ``msa-fast train --smoke`` and the demo. The tiny BERT is added by the
     #: caller (``msa_fast.nn.text_encoder.TINY_BERT_CONFIG``).
     TINY_CONFIG: dict[str, Any] = {"use_text_features": True}
+    #: True when the training objective mixes the samples of a batch (partners, in-batch retrieval, contrastive
+    #: terms): data-parallel training must then gather across ranks, which ``msa_fast.train.dist`` refuses until
+    #: the model does.
+    cross_sample_training: bool = False
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()

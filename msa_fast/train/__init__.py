@@ -58,7 +58,8 @@ from ..train_args import DEFAULT_MISSING_SEED, SYNTHETIC_SIZES
 __all__ = [
     "TrainConfig", "Trainer", "MissingSchedule", "run", "evaluate", "evaluate_checkpoint", "find_checkpoints",
     "load_data", "check_data", "describe_data_source", "write_predictions", "build_optimizer", "build_scheduler",
-    "adamw", "OptimizerSet", "flatten_mmsa_config", "read_config_file", "MMSA_KEY_MAP", "MMSA_PIPELINE_KEYS", "atomic_save",
+    "adamw", "OptimizerSet",
+    "flatten_mmsa_config", "read_config_file", "MMSA_KEY_MAP", "MMSA_PIPELINE_KEYS", "atomic_save",
     "set_seed", "parse_overrides", "short_training_run", "smoke_model_overrides", "refresh_train_state",
     "main_train", "main_eval", "DEFAULT_SEEDS", "DEFAULT_MISSING_SEED", "SYNTHETIC_SIZES", "is_minimised",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 from pathlib import Path
 
@@ -14,7 +15,38 @@ from .run import evaluate_checkpoint, find_checkpoints, run
 
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_with_torchrun(args: argparse.Namespace) -> int:
+    """``msa-fast train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m msa_fast train ...``: torch's
+    own launcher starts the ranks (each joins the group through the environment it sets)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    try:
+        torchrun(parse_args(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "msa_fast",
+                             *_without_nproc(args.argv)]))
+    except ChildFailedError as err:  # each rank printed its own one-line error; torchrun stopped the others
+        raise RuntimeError(f"{len(err.failures)} of {args.nproc} ranks failed (their errors are printed above)") \
+            from None
+    return 0
+
+
 def main_train(args: argparse.Namespace) -> int:
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return launch_with_torchrun(args)
     config = parse_overrides(args.overrides)
     run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
         missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,

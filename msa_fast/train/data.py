@@ -29,7 +29,8 @@ def load_data(data: str | os.PathLike | Mapping[str, Any], dataset_name: str = "
         data = synthetic(dataset_name, seed=seed, aligned=aligned, **_synthetic_sizes(synthetic_sizes))
     elif not isinstance(data, Mapping) and not Path(data).is_file():
         raise FileNotFoundError(f"--data {str(data)!r} does not exist (give an MMSA pickle or 'synthetic')")
-    return load_mmsa(data, trusted=trusted, return_report=return_report)  # validated (MMSADataset(..., validate=False) afterwards)
+    # validated here (MMSADataset(..., validate=False) afterwards)
+    return load_mmsa(data, trusted=trusted, return_report=return_report)
 
 
 def _synthetic_sizes(given: Mapping[str, Optional[int]], defaults: Mapping[str, int] = SYNTHETIC_SIZES) -> dict:

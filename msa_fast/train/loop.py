@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from ..data.batch import Batch
-from ..data.dataset import MMSADataset, make_loader
+from ..data.dataset import MMSADataset
 from ..data.missing import MissingProtocol, ModalityDrop, PatternAvailability, TokenErasure, parse_missing
 from ..metrics import compute_metrics
 from ..rundir import RunLog
 from ..train_args import DEFAULT_MISSING_SEED
 from .config import TrainConfig, _resolve_device, is_minimised
 from .state import _RESUME_FREE_KEYS, _dict_diff, _load, _plain, _rng_state, _set_rng_state, atomic_save
+from .dist import DistContext, GlobalBatchShards, loss_weight, wrap_for_training
 from .optim import OptimizerSet
 
 
@@ -72,21 +73,27 @@ def evaluate(model: nn.Module, dataset: MMSADataset, dataset_name: str, batch_si
              device: torch.device | str = "cpu", protocol: Optional[MissingProtocol] = None, split: str = "test",
              return_predictions: bool = False) -> dict[str, Any]:
     """MMSA metrics of ``model`` on one split (in order, no shuffling) plus ``Loss`` = the model's objective
-    averaged over samples. ``protocol`` is applied with fixed masks (epoch 0)."""
+    averaged over samples. ``protocol`` is applied with fixed masks (epoch 0). Under several ranks each evaluates
+    its contiguous shard of the split and the predictions are gathered once, in order (no padded duplicates)."""
+    dist = DistContext.current()
+    rows = list(dist.shard_range(len(dataset)))
     was_training = model.training
     model.eval()
-    preds, truths, loss_sum, n = [], [], 0.0, 0
+    preds, truths, loss_sum = [], [], 0.0
     try:
-        for batch in make_loader(dataset, batch_size=batch_size, shuffle=False):
-            batch = _apply(protocol, batch.to(device), 0, split)
+        for start in range(0, len(rows), batch_size):
+            batch = _apply(protocol, dataset[rows[start:start + batch_size]].to(device), 0, split)
             outputs = model(batch)
             loss = model.loss(batch, outputs)["loss"]
             preds.append(outputs["M"].detach().float().reshape(-1).cpu())
             truths.append(batch.labels.float().reshape(-1).cpu())
             loss_sum += float(loss) * batch.batch_size
-            n += batch.batch_size
     finally:
         model.train(was_training)
+    gathered = dist.gather_in_order((preds, truths, loss_sum))
+    preds = [p for g in gathered for p in g[0]]
+    truths = [t for g in gathered for t in g[1]]
+    loss_sum, n = sum(g[2] for g in gathered), sum(len(p) for p in preds)
     if n == 0:
         raise ValueError(f"split {split!r} is empty: nothing to evaluate")
     pred, truth = torch.cat(preds), torch.cat(truths)
@@ -141,6 +148,9 @@ class Trainer:
         self.cfg = config.resolve(getattr(model, "config", {}))
         self.device = _resolve_device(self.cfg.device)
         self.model = model.to(self.device)
+        self.dist = DistContext.current()
+        self.step_module = wrap_for_training(
+            self.model, self.dist, [self.device.index] if self.device.type == "cuda" and self.dist.active else None)
         self.train_set = _as_dataset(train_data, "train")
         self.valid_set = _as_dataset(valid_data, "valid")
         self.test_set = _as_dataset(test_data, "test") if test_data is not None else None
@@ -170,6 +180,8 @@ class Trainer:
 
     # -- logging --
     def log(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
         if not self.cfg.quiet:
             from tqdm.auto import tqdm
 
@@ -202,7 +214,7 @@ class Trainer:
                 "eval_batch_size": self.cfg.eval_batch_size, "data_source": _plain(self.cfg.data_source)}
 
     def _save_last(self, epoch: int) -> None:
-        if self.ckpt_dir is None:
+        if self.ckpt_dir is None or not self.dist.is_main:
             return
         state = {
             "format": "msa_fast.train/1", "model": self.model.state_dict(),
@@ -287,20 +299,22 @@ class Trainer:
         prepare = getattr(self.model, "prepare_epoch", None)
         if prepare is not None:
             prepare(epoch, self.train_set)
-        # order of epoch e = f(seed, e): independent of how many epochs ran before (resume-safe)
-        loader = make_loader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
-                             seed=self.cfg.seed * 100_003 + epoch)
+        # order of epoch e = f(seed, e): independent of how many epochs ran before (resume-safe); under several
+        # ranks each takes its shard of the same global batches
+        shards = GlobalBatchShards(len(self.train_set), self.cfg.batch_size, self.dist.rank, self.dist.world_size,
+                                   shuffle=True, seed=self.cfg.seed * 100_003 + epoch)
+        self.step_module.train()
         train_protocol = self.missing.train if self.missing else None
         # losses and predictions stay on the device until the epoch ends: no host sync per step (the progress bar,
         # when shown, is the one exception)
         loss_sum, n, preds, truths = torch.zeros((), device=self.device, dtype=torch.float64), 0, [], []
-        bar = self._progress(loader, self.steps_per_epoch, f"epoch {epoch}")
-        for batch in bar:
-            batch = _apply(train_protocol, batch.to(self.device), epoch, "train")
-            out = self.model.training_step(batch)
+        bar = self._progress(shards, self.steps_per_epoch, f"epoch {epoch}")
+        for rows, n_local, n_global in bar:
+            batch = _apply(train_protocol, self.train_set[rows].to(self.device), epoch, "train")
+            out = self.step_module(batch)
             loss = out["loss"]
             self.optim.zero_grad()
-            loss.backward()
+            (loss * loss_weight(n_local, n_global, self.dist.world_size)).backward()
             if self.cfg.grad_clip_value is not None:
                 nn.utils.clip_grad_value_(self.model.parameters(), float(self.cfg.grad_clip_value))
             if self.cfg.grad_clip is not None:
@@ -308,20 +322,26 @@ class Trainer:
             self.optim.step()
             if self.cfg.schedule_step == "batch":
                 self.optim.schedule_step()
-            loss_sum += loss.detach().double() * batch.batch_size
-            n += batch.batch_size
+            if n_local == 0:  # a zero-weight stand-in shard (last batch smaller than the world)
+                continue
+            loss_sum += loss.detach().double() * n_local
+            n += n_local
             preds.append(out["M"].detach().float().reshape(-1))
             truths.append(batch.labels.float().reshape(-1))
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}")
-        mean_loss = float(loss_sum) / n  # the epoch's one host sync
+        # the epoch's one host sync (and, under several ranks, its one gather)
+        mean_loss = float(self.dist.all_sum(loss_sum)) / float(self.dist.all_sum(torch.tensor(float(n))))
+        local = (torch.cat(preds).cpu() if preds else torch.zeros(0), torch.cat(truths).cpu() if truths else
+                 torch.zeros(0))
+        gathered = self.dist.gather_in_order(local)
+        all_preds, all_truths = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"non-finite training loss ({mean_loss}) in epoch {epoch}: diverged training? "
                                      f"(lower the learning rate or clip gradients)")
         if self.cfg.schedule_step == "epoch":
             self.optim.schedule_step()
-        metrics = dict(compute_metrics(torch.cat(preds).cpu().numpy(), torch.cat(truths).cpu().numpy(),
-                                       self.cfg.dataset))
+        metrics = dict(compute_metrics(all_preds.numpy(), all_truths.numpy(), self.cfg.dataset))
         metrics["Loss"] = round(mean_loss, 4)
         return metrics
 
@@ -334,8 +354,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.cfg.resume:
             self._resume()
-        elif self.best_path is not None and self.best_path.exists():
+        elif self.best_path is not None and self.best_path.exists() and self.dist.is_main:
             self.best_path.unlink()  # a fresh run must never test a previous run's selection
+        self.dist.barrier()
         if self.missing is not None and self.start_epoch == 1:
             self.log(f"missing data: {self.missing.describe()}")
         epoch = self.start_epoch
@@ -356,7 +377,8 @@ class Trainer:
             if improved:
                 self.best_value, self.best_epoch = value, epoch
                 if self.best_path is not None:
-                    atomic_save(self._model_record(epoch), self.best_path)
+                    if self.dist.is_main:
+                        atomic_save(self._model_record(epoch), self.best_path)
                 else:
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.history.append(record)
@@ -370,6 +392,7 @@ class Trainer:
             elif epoch == max_epochs:
                 self.finished, self.stop_reason = True, "max_epochs"
             self._save_last(epoch)
+            self.dist.barrier()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, epoch, record)
             epoch += 1
@@ -383,6 +406,7 @@ class Trainer:
 
     def load_best(self) -> None:
         """Load the selected (best validation) weights into the model."""
+        self.dist.barrier()  # the main rank has written best.pt
         if self.best_path is not None and self.best_path.exists():
             self.model.load_state_dict(_load(self.best_path)["model"])
         elif self.best_state is not None:

@@ -2,6 +2,7 @@
 smoke configuration."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,12 +15,14 @@ import numpy as np
 from ..data.dataset import MMSADataset
 from ..data.missing import parse_missing
 from ..metrics import results_row, write_results_csv
-from ..rundir import RunLock, RunLog, check_output_dir, clean_stale_temporaries
+from ..rundir import OutputDirInUse, RunLock, RunLog, check_output_dir, clean_stale_temporaries
 from ..train_args import DEFAULT_MISSING_SEED, SMOKE_EPOCHS, SMOKE_SIZES, SYNTHETIC_SIZES
 from .config import DEFAULT_SEEDS, TrainConfig, _resolve_device, _split_overrides, read_config_file
 from .state import _load, set_seed
 from .loop import MissingSchedule, Trainer, evaluate, refresh_train_state
-from .data import _data_from_source, _needs_aligned, _synthetic_sizes, check_data, describe_data_source, load_data, write_predictions
+from .data import (_data_from_source, _needs_aligned, _synthetic_sizes, check_data, describe_data_source, load_data,
+                   write_predictions)
+from .dist import DistContext, init_from_env, rank_device
 
 
 # ---- MMSA_run equivalent -----------------------------------------------------------------------------------
@@ -64,6 +67,8 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
         sizes = _synthetic_sizes(sizes, SMOKE_SIZES)
     model_over, train_over = _split_overrides(model_name, dataset_name, overrides)
     model_config = get_config(model_name, dataset_name, **model_over)
+    ctx = init_from_env(device)  # torchrun: this process is one rank of several (DDP)
+    device = rank_device(device, ctx)
     _resolve_device(device)
     if seeds is None or len(seeds) == 0:
         seeds = list(model_config.get("seeds") or DEFAULT_SEEDS)
@@ -74,10 +79,11 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
     tag = "normal" if schedule is None else f"missing-{schedule.tag}"
     run_name = f"{model_name}-{dataset_name}" + ("" if schedule is None else f"-{schedule.tag}")
 
-    with RunLock(out_dir):
-        for stale in clean_stale_temporaries(ckpt_root):
-            notes.append(f"removed {stale} (left by an interrupted checkpoint write)")
-        log = RunLog(out_dir / "logs" / f"{run_name}.log", quiet=quiet)
+    with _main_rank_lock(out_dir, ctx):
+        if ctx.is_main:
+            for stale in clean_stale_temporaries(ckpt_root):
+                notes.append(f"removed {stale} (left by an interrupted checkpoint write)")
+        log = RunLog(out_dir / "logs" / f"{run_name}.log" if ctx.is_main else None, quiet=quiet or not ctx.is_main)
         log.write(f"== msa-fast run: {model_name} on {dataset_name}, seeds {list(seeds)}, data "
                   f"{'<in memory>' if isinstance(data, Mapping) else data}, command: {' '.join(sys.argv)}")
         for note in notes:
@@ -101,7 +107,8 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
             cfg = TrainConfig(**{**train_over, "dataset": dataset_name, "seed": int(seed), "device": device,
                                  "missing": missing, "missing_train": missing_train, "resume": resume,
                                  "quiet": quiet, "checkpoint_dir": str(ckpt_root / f"{run_name}-seed{seed}"),
-                                 "select_on": select_on, "data_source": source, "log_file": str(log.path),
+                                 "select_on": select_on, "data_source": source,
+                                 "log_file": str(log.path) if log.path else None,
                                  "save_predictions": save_predictions})
             for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("key_eval", key_eval),
                                 ("early_stop", early_stop)):
@@ -113,7 +120,7 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
             test_m = {k: v for k, v in result["test"].items() if k != "Loss"}
             log.say(f"seed {seed}: best epoch {result['best_epoch']} (valid {trainer.cfg.key_eval} "
                     f"{result['best_valid']}); test " + ", ".join(f"{k} {v:.4f}" for k, v in test_m.items()))
-            if save_predictions:
+            if save_predictions and ctx.is_main:
                 pred_path = res_dir / tag / "predictions" / f"{run_name}-seed{seed}.csv"
                 write_predictions(pred_path, splits["test"], result.pop("predictions"))
                 log.say(f"test predictions → {pred_path}")
@@ -122,6 +129,8 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
 
         row = results_row(per_seed)
         csv_path = res_dir / tag / f"{dataset_name}.csv"
+        if not ctx.is_main:  # one writer of the results
+            return {"per_seed": per_seed, "row": row, "csv": str(csv_path), "runs": runs}
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_results_csv(csv_path, model_name, row)
         detail = {"model": model_name, "dataset": dataset_name, "seeds": list(map(int, seeds)),
@@ -134,6 +143,26 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
         for k, (m, s) in row.items():
             log.say(f"  {k:<14} {m:7.2f} ± {s:.2f}")
     return {"per_seed": per_seed, "row": row, "csv": str(csv_path), "runs": runs}
+
+@contextlib.contextmanager
+def _main_rank_lock(out_dir, ctx: DistContext):
+    """The run's folder lock, held by the main rank; every rank learns whether it was granted, so a refused run
+    stops on all ranks at once instead of leaving the others waiting in a collective."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except OutputDirInUse as err:
+            error = str(err)
+    error = ctx.gather_in_order(error)[0] if ctx.active else error
+    if error:
+        raise OutputDirInUse(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Any = None, dataset_name: Optional[str] = None,
                         model_name: Optional[str] = None, missing: Optional[str] = None, split: str = "test",

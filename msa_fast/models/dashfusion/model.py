@@ -68,6 +68,7 @@ TEXT_SEQ_KEYS = ("bert.last_hidden_state", "text_encoder.all", "text_encoder.val
 class DashFusion(MSAModel):
     """``forward(batch) -> {"M": (B,), intermediates}``; ``training_step`` adds the partner contrastive term."""
 
+    cross_sample_training = True  # the objective mixes samples of a batch (see msa_fast.train.dist)
     TINY_CONFIG = {"use_text_features": True, "d_model": 32, "encoder_ff_dim": 64, "fusion_ff_dim": 64,
                    "contrastive_weight": 0.0, "warmup_epochs": 0}
     CONFIGS: dict[str, dict[str, Any]] = {

@@ -87,6 +87,7 @@ class HME(MSAModel):
     (B, L, 768; BERT only). ``details=True`` adds ``retrieval.cos_*`` (B, N) and ``retrieval.neighbours_*``.
     """
 
+    cross_sample_training = True  # the objective mixes samples of a batch (see msa_fast.train.dist)
     TINY_CONFIG = {"use_text_features": True, "d_l": 32, "num_heads": 4, "layers": 1, "latent_layers": 1,
                    "final_layers": 1, "final_ffn_dim": 64, "hyper_depth": 1}
     CONFIGS: dict[str, dict[str, Any]] = {

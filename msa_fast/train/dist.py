@@ -1,0 +1,153 @@
+"""Data-parallel training on ``torch.distributed`` (launched by ``torchrun``; gloo on CPU, NCCL on GPU).
+
+One small object, ``DistContext``, owns what differs between ranks: rank / world size, the training batches of this
+rank, gathers, and which process logs and writes files. Single-process runs get ``DistContext()`` (rank 0 of 1), so
+the trainer has one code path.
+
+Equivalence with one process: every rank walks the **same global batch sequence** a single process with the same
+batch size walks (``GlobalBatchShards``: the single-process order of epoch e, each global batch cut into
+``world_size`` contiguous shards), and each rank's loss is weighted by ``world · n_local / n_global`` so that DDP's
+gradient average equals the gradient of the single-process batch mean, uneven last batches included. Masks of the
+missing-data protocols are drawn from sample index and epoch, not from the rank, so they agree too. Cross-sample
+terms (DashFusion's partners and NT-Xent, HME's in-batch retrieval) would see only the rank's shard: such models
+declare ``cross_sample_training = True`` and are refused under ``world_size > 1`` until they gather globally.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import RandomSampler, Sampler
+
+#: How long a collective may wait for the other ranks: a failed rank makes the others exit instead of hanging.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "DistContext":
+        """The process group this process belongs to (rank 0 of 1 when not distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return cls()
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over ranks (a CPU float64 copy; exact for the counts and loss sums it is used for)."""
+        value = value.detach().to("cpu", torch.float64).clone()
+        if self.active:
+            torch.distributed.all_reduce(value)
+        return value
+
+    def gather_in_order(self, items: Any) -> list[Any]:
+        """``[items of rank 0, items of rank 1, ...]`` on every rank (any picklable objects, CPU tensors)."""
+        if not self.active:
+            return [items]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, items)
+        return out
+
+    def shard_range(self, n: int) -> range:
+        """This rank's contiguous part of ``range(n)`` (sizes differ by at most one; evaluation shards)."""
+        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+        return range(bounds[self.rank], bounds[self.rank + 1])
+
+
+def init_from_env(device: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistContext:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): gloo for CPU runs,
+    NCCL for CUDA (each rank on ``cuda:LOCAL_RANK``). Without those variables: single process, nothing to do."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return DistContext.current()
+    if not torch.distributed.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    return DistContext.current()
+
+
+def rank_device(device: str, ctx: DistContext) -> str:
+    """``cuda`` under several ranks means this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if ctx.active and device in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+class GlobalBatchShards(Sampler[list[int]]):
+    """Batches of indices: the single-process sequence of ``batch_size`` batches (``RandomSampler`` seeded with
+    ``seed``, or in order), each cut into ``world_size`` contiguous shards; yields ``(shard, n_global)`` pairs of
+    rank ``rank``. A shard that would be empty (a last batch smaller than the world) repeats the batch's first
+    sample with ``n_local = 0``, so every rank takes part in every gradient all-reduce with a zero weight."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+
+    def global_batches(self) -> list[list[int]]:
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(int(self.seed))
+            order = list(RandomSampler(range(self.n), generator=gen))
+        else:
+            order = list(range(self.n))
+        return [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+    def __iter__(self) -> Iterator[tuple[list[int], int, int]]:
+        for batch in self.global_batches():
+            m = len(batch)
+            bounds = [round(m * r / self.world) for r in range(self.world + 1)]
+            shard = batch[bounds[self.rank]:bounds[self.rank + 1]]
+            yield (shard, len(shard), m) if shard else ([batch[0]], 0, m)
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+
+def loss_weight(n_local: int, n_global: int, world_size: int) -> float:
+    """Factor on a rank's mean loss so that DDP's average of the ranks' gradients is the gradient of the mean over
+    the global batch: ``world · n_local / n_global``."""
+    return world_size * n_local / n_global
+
+
+class TrainingStep(torch.nn.Module):
+    """The one module DDP wraps: ``forward(batch)`` is ``model.training_step(batch)``, so the gradient hooks DDP
+    installs see every parameter the objective touches."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        return self.model.training_step(batch)
+
+
+def wrap_for_training(model: torch.nn.Module, ctx: DistContext,
+                      device_ids: Optional[Sequence[int]] = None) -> torch.nn.Module:
+    """``TrainingStep(model)``, inside ``DistributedDataParallel`` when several ranks train."""
+    step = TrainingStep(model)
+    if not ctx.active:
+        return step
+    if getattr(model, "cross_sample_training", False):
+        raise ValueError(f"{type(model).__name__}'s training objective mixes samples across the batch (partners / "
+                         f"in-batch retrieval); data-parallel training of it is not supported yet: run one process")
+    return torch.nn.parallel.DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
