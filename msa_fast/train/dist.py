@@ -150,4 +150,7 @@ def wrap_for_training(model: torch.nn.Module, ctx: DistContext,
     if getattr(model, "cross_sample_training", False):
         raise ValueError(f"{type(model).__name__}'s training objective mixes samples across the batch (partners / "
                          f"in-batch retrieval); data-parallel training of it is not supported yet: run one process")
-    return torch.nn.parallel.DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+    # a model whose objective leaves some parameters without gradient in some steps sets
+    # ``ddp_find_unused_parameters = True`` (an extra graph traversal per step otherwise wasted)
+    return torch.nn.parallel.DistributedDataParallel(
+        step, device_ids=device_ids, find_unused_parameters=bool(getattr(model, "ddp_find_unused_parameters", False)))
