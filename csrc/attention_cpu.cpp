@@ -122,8 +122,8 @@ inline void tile_dot(const T* __restrict q, int nr, const T* __restrict kt, int 
       for (int j = 0; j < BN; ++j) acc[j] += qd * kr[j];
     }
     T* srow = s + i * BN;
-    if (bias != nullptr)
-      for (int j = 0; j < BN; ++j) srow[j] = acc[j] * scale + bias[j];
+    if (bias != nullptr)  // a select, not an add: a masked lane is -inf even when its raw score is NaN / +inf
+      for (int j = 0; j < BN; ++j) srow[j] = bias[j] == T(0) ? acc[j] * scale : bias[j];
     else
       for (int j = 0; j < BN; ++j) srow[j] = acc[j] * scale;
   }
@@ -163,23 +163,41 @@ inline void mm_rows(const T* __restrict A, int lda, int n, const T* __restrict B
   }
 }
 
-// max of a BN-wide row; float uses GCC vector extensions (the scalar max reduction does not auto-vectorise when
-// NaN/inf semantics are kept).
-inline float row_max(const float* s) {
+// max of a BN-wide score row, and whether every lane is < +inf (`ok` false: a valid key's score is NaN or +inf,
+// which makes the reference's softmax row NaN; masked / padding lanes are exactly -inf, so they never clear it).
+// The max is meaningless when !ok. float uses GCC vector extensions (the scalar max reduction does not
+// auto-vectorise when NaN/inf semantics are kept).
+inline float row_max(const float* s, bool& ok) {
   typedef float v8 __attribute__((vector_size(32)));
+  typedef int v8i __attribute__((vector_size(32)));
+  constexpr float I = std::numeric_limits<float>::infinity();
+  const v8 inf = {I, I, I, I, I, I, I, I};
   v8 m, x;
   std::memcpy(&m, s, sizeof(v8));
+  v8i good = m < inf;
   for (int j = 8; j < BN; j += 8) {
     std::memcpy(&x, s + j, sizeof(v8));
     m = m > x ? m : x;
+    good &= x < inf;
   }
   float r = m[0];
-  for (int l = 1; l < 8; ++l) r = r > m[l] ? r : m[l];
+  int g = good[0];
+  for (int l = 1; l < 8; ++l) {
+    r = r > m[l] ? r : m[l];
+    g &= good[l];
+  }
+  ok = g != 0;
   return r;
 }
-inline double row_max(const double* s) {
+inline double row_max(const double* s, bool& ok) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
   double r = s[0];
-  for (int j = 1; j < BN; ++j) r = r > s[j] ? r : s[j];
+  bool g = s[0] < inf;
+  for (int j = 1; j < BN; ++j) {
+    r = r > s[j] ? r : s[j];
+    g &= s[j] < inf;
+  }
+  ok = g;
   return r;
 }
 
@@ -208,10 +226,13 @@ inline void tile_dot_f32(const float* __restrict q, int nr, const float* __restr
       a4 += x * kr[4]; a5 += x * kr[5]; a6 += x * kr[6]; a7 += x * kr[7];
     }
     v8* out = reinterpret_cast<v8*>(s + size_t(i) * BN);
-    if (bias != nullptr) {
+    if (bias != nullptr) {  // select (blend), not add: masked lanes stay -inf when q or k holds NaN / inf
       const v8* b = reinterpret_cast<const v8*>(bias);
-      out[0] = a0 * scale + b[0]; out[1] = a1 * scale + b[1]; out[2] = a2 * scale + b[2]; out[3] = a3 * scale + b[3];
-      out[4] = a4 * scale + b[4]; out[5] = a5 * scale + b[5]; out[6] = a6 * scale + b[6]; out[7] = a7 * scale + b[7];
+      const v8 z = {};
+      out[0] = b[0] == z ? a0 * scale : b[0]; out[1] = b[1] == z ? a1 * scale : b[1];
+      out[2] = b[2] == z ? a2 * scale : b[2]; out[3] = b[3] == z ? a3 * scale : b[3];
+      out[4] = b[4] == z ? a4 * scale : b[4]; out[5] = b[5] == z ? a5 * scale : b[5];
+      out[6] = b[6] == z ? a6 * scale : b[6]; out[7] = b[7] == z ? a7 * scale : b[7];
     } else {
       out[0] = a0 * scale; out[1] = a1 * scale; out[2] = a2 * scale; out[3] = a3 * scale;
       out[4] = a4 * scale; out[5] = a5 * scale; out[6] = a6 * scale; out[7] = a7 * scale;
@@ -228,15 +249,20 @@ inline void tile_scores(const T* q, int nr, const T* kt, int Drt, T scale, const
 }
 
 // Online-softmax forward of query rows q[0, nr) (row stride D) against keys k/v[0, nk) (row stride D).
-// Writes normalised output o (nr x D), lse (nr) (+inf when no valid key). qvalid (nr) may be null.
+// Writes normalised output o (nr x D), lse (nr). qvalid (nr) may be null.
+// Row outcomes (those of msa_fast.testing.reference.masked_softmax): a padded query row, or one whose valid scores
+// are all -inf (e.g. every key padded), gives zeros and lse = +inf; a row with a NaN or +inf score on a valid key
+// gives NaN (output and lse: the backward then propagates NaN); otherwise the softmax over the finite scores.
 template <typename T, int DC>
 void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, const bool* kvalid, int nk, int Drt,
               T scale, T* o, T* lse, Scratch<T>& sc, const Dropout* drop, uint64_t row_base) {
   const int D = DC > 0 ? DC : Drt;
   T m[BM], l[BM], bias[BN];
+  bool bad[BM];  // a NaN / +inf score on a valid key was seen
   for (int i = 0; i < nr; ++i) {
     m[i] = neg_inf<T>();
     l[i] = T(0);
+    bad[i] = false;
   }
   std::fill(o, o + size_t(nr) * D, T(0));
   bool any_row = false;
@@ -249,8 +275,12 @@ void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, co
     const T* __restrict vb = v + size_t(j0) * D;
     for (int i = 0; i < nr; ++i) {  // online softmax statistics; P overwrites S, O rows rescaled by alpha
       T* __restrict srow = sc.s.data() + i * BN;
-      const T mnew = std::max(m[i], row_max(srow));
-      if ((qvalid != nullptr && !qvalid[i]) || mnew == neg_inf<T>()) {  // invalid row / nothing valid yet
+      bool ok;
+      const T bmax = row_max(srow, ok);
+      bad[i] |= !ok;
+      const T mnew = std::max(m[i], bmax);
+      // invalid row / NaN row (its output is set at the end) / nothing valid yet: no contribution to O
+      if ((qvalid != nullptr && !qvalid[i]) || bad[i] || mnew == neg_inf<T>()) {
         for (int j = 0; j < BN; ++j) srow[j] = T(0);
         continue;
       }
@@ -277,7 +307,13 @@ void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, co
   }
   for (int i = 0; i < nr; ++i) {
     T* oi = o + size_t(i) * D;
-    if ((qvalid != nullptr && !qvalid[i]) || !(l[i] > T(0))) {
+    if (qvalid != nullptr && !qvalid[i]) {
+      lse[i] = pos_inf<T>();
+      for (int d = 0; d < D; ++d) oi[d] = T(0);
+    } else if (bad[i]) {
+      lse[i] = std::numeric_limits<T>::quiet_NaN();
+      for (int d = 0; d < D; ++d) oi[d] = std::numeric_limits<T>::quiet_NaN();
+    } else if (!(l[i] > T(0))) {
       lse[i] = pos_inf<T>();
       for (int d = 0; d < D; ++d) oi[d] = T(0);
     } else {
@@ -289,8 +325,9 @@ void fwd_impl(const T* q, int nr, const bool* qvalid, const T* k, const T* v, co
 }
 
 // Backward of query rows q[0, nr) against keys k/v[0, nk): accumulates dq (nr x D), dk/dv (nk x D).
-// P is recomputed from lse (+inf rows give P = 0); dS = P * (dP - delta) * scale. Register accumulators per
-// key row (dk, dv: loop j outer) and per query row (dq: loop i outer).
+// P is recomputed from lse (+inf rows give P = 0; NaN rows — a NaN / +inf score in forward — give P = dS = NaN on
+// the valid keys and 0 on masked ones); dS = P * (dP - delta) * scale. Register accumulators per key row (dk, dv:
+// loop j outer) and per query row (dq: loop i outer).
 template <typename T, int DC>
 void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, int nk, int Drt, T scale,
               const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, Scratch<T>& sc, const Dropout* drop,
@@ -298,7 +335,7 @@ void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, in
   const int D = DC > 0 ? DC : Drt;
   T bias[BN];
   bool any_row = false;
-  for (int i = 0; i < nr; ++i) any_row |= std::isfinite(lse[i]);
+  for (int i = 0; i < nr; ++i) any_row |= lse[i] != pos_inf<T>();  // NaN rows take part (they propagate NaN)
   for (int j0 = 0; any_row && j0 < nk; j0 += BN) {
     const int nb = std::min(BN, nk - j0);
     if (!key_bias(kvalid + j0, nb, bias)) continue;
@@ -314,8 +351,12 @@ void bwd_impl(const T* q, int nr, const T* k, const T* v, const bool* kvalid, in
       T* __restrict p = sc.s.data() + i * BN;
       T* __restrict ds = sc.dp.data() + i * BN;
       const T li = lse[i];
-      if (!std::isfinite(li)) {
+      if (li == pos_inf<T>()) {  // padded query row / no valid key
         for (int j = 0; j < BN; ++j) p[j] = ds[j] = T(0);
+        continue;
+      }
+      if (li != li) {  // NaN row: NaN on the valid keys, 0 on masked ones (the reference's masked_fill)
+        for (int j = 0; j < BN; ++j) p[j] = ds[j] = bias[j] == T(0) ? std::numeric_limits<T>::quiet_NaN() : T(0);
         continue;
       }
       const T di = delta[i];

@@ -10,8 +10,12 @@ Backward (FlashAttention-2 style, P recomputed from lse, delta = rowsum(dout * o
          dK/dV kernel (grid: source-aligned key blocks x B*H, so each key block belongs to one source and dk/dv
          need no atomics) + dQ kernel (grid: query blocks x B*H).
 
-Masked keys get score -inf; a row whose source has no valid key gets lse = +inf, so exp(s - lse) = 0 in backward and
-nothing is NaN. Head dims are padded to a power of two >= 16 with masks (tl.dot needs dims >= 16 on GPU).
+Masked keys get score -inf; a row whose source has no valid key (or whose valid scores are all -inf) gets lse = +inf,
+so exp(s - lse) = 0 in backward and nothing is NaN. A NaN or +inf score on a valid key (NaN / inf in q or k) makes
+that row's output and lse NaN, as ``msa_fast.testing.reference`` does; the backward then gives NaN on that row's
+valid keys and 0 on masked ones. The check is in-kernel (a NaN softmax normaliser; no host sync) and independent of
+how the target's max() treats NaN. Head dims are padded to a power of two >= 16 with masks (tl.dot needs dims >= 16 on
+GPU).
 fp32 dots use ``input_precision="ieee"`` (torch's default: no TF32), so interpreter and GPU agree.
 """
 from __future__ import annotations
@@ -95,7 +99,11 @@ def _attn_fwd_kernel(
             vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=c_in[:, None] & d_in[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
             m_i = m_new
-        has = (l_i > 0) & q_ok
+        # A NaN or +inf score on a valid key leaves l_i NaN whatever max() does with NaN (NaN lane: exp2(NaN) or a
+        # NaN max; +inf lane: m = +inf, exp2(inf - inf)), and a finite / -inf row never does. So "l_i != 0" keeps
+        # such rows, whose output and lse then come out NaN through l_i: the reference's NaN row, at no extra cost;
+        # l_i == 0 (no valid key, or every valid score -inf) gives zeros and lse = +inf.
+        has = (l_i != 0) & q_ok
         l_safe = tl.where(has, l_i, 1.0)
         o_s = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
         total += o_s
@@ -148,7 +156,9 @@ def _attn_bwd_dkdv_kernel(
         dlt = tl.load(DELTA + row_base + rows, mask=r_in, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (N, M)
         pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
-        pt = tl.where(k_ok[:, None], pt, 0.0)
+        # valid (key, query row) pairs only: rows past Lq load q = 0, and 0 · inf in a key would give NaN scores
+        ok = k_ok[:, None] & q_ok[None, :]
+        pt = tl.where(ok, pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
         if DROPOUT:  # Z = keep / (1 − p): dV uses (P∘Z)ᵀ, dS = P∘(dP∘Z − delta)
             r_lo, r_hi = row_counter(bh * Lq + rows, Lk)
@@ -157,7 +167,8 @@ def _attn_bwd_dkdv_kernel(
             dpt = dpt * zt
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-        dst = pt * (dpt - dlt[None, :])
+        # dS = 0 on masked keys even when delta is NaN (a NaN row), as the reference's masked_fill backward
+        dst = tl.where(ok, pt * (dpt - dlt[None, :]), 0.0)
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
     dk = dk * scale
     out_off = (bh * Lk + offs_n[:, None]) * D + offs_d[None, :]

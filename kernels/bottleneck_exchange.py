@@ -5,6 +5,9 @@ projection of the bottleneck tokens is ``k[:, :, m]``, ``v[:, :, m]`` (B, H, M, 
 b*h): query blocks are tiled per segment (never straddle two modalities), so a program finds its segment from the
 offsets, loads that segment's K x D keys/values once (K padded to 16 for tl.dot) and does a single-pass softmax.
 
+A NaN / +inf score on a valid key gives a NaN row (output and lse), as the reference; all valid scores -inf (or no
+valid key) gives zeros and lse = +inf.
+
 Backward: one kernel recomputes P from lse and writes dq plus per-block partials of dk / dv (K x D each, fp32); the
 partials are reduced per segment in torch (``index_add_``), so no atomics and deterministic on CPU.
 """
@@ -53,7 +56,9 @@ def _bx_fwd_kernel(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # no valid key: avoid (-inf) - (-inf)
     p = tl.exp2(sc - m_safe[:, None])
     l_i = tl.sum(p, 1)
-    has = (l_i > 0) & q_ok
+    # a NaN / +inf score on a valid key leaves l_i NaN whatever max() does with NaN (a finite / -inf row never
+    # does): "l_i != 0" keeps such rows, whose output and lse come out NaN through l_i, as in the reference
+    has = (l_i != 0) & q_ok
     l_safe = tl.where(has, l_i, 1.0)
     o = tl.dot(p.to(v.dtype), v, input_precision="ieee") / l_safe[:, None]
     o = tl.where(has[:, None], o, 0.0)
@@ -93,9 +98,11 @@ def _bx_bwd_kernel(
     v = tl.load(V + b * svb + h * svh + seg * svm + offs_k[:, None] * svk + offs_d[None, :], mask=kd_mask, other=0.0)
     sc = tl.dot(q, tl.trans(k), input_precision="ieee") * (scale * 1.4426950408889634)
     p = tl.exp2(sc - lse2[:, None])
-    p = tl.where(k_ok[None, :], p, 0.0)
+    # valid (query row, key) pairs only: rows past the segment load q = 0, and 0 · inf in a key would give NaN
+    ok = q_ok[:, None] & k_ok[None, :]
+    p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    ds = p * (dp - dlt[:, None])
+    ds = tl.where(ok, p * (dp - dlt[:, None]), 0.0)  # 0 on masked keys even for NaN rows (NaN delta)
     dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
     tl.store(DQ + (bh * Lq + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
     dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee") * scale

@@ -20,20 +20,23 @@ def _block_fwd(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, scale: float)
     """q (B,H,Lq,D), k/v (B,H,L,D) (acc dtype), key_valid (B,L) → normalised out (B,H,Lq,D), lse (B,H,Lq)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # -inf where no valid key
+    lse = torch.logsumexp(s, dim=-1)  # -inf where no valid key (or every valid score is -inf)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    p = torch.exp(s - lse[..., None])  # +inf lse → 0
+    # a NaN / +inf score on a valid key: NaN row (output and lse), as the reference's masked softmax
+    lse = lse.masked_fill(~(s < float("inf")).all(dim=-1), float("nan"))
+    p = torch.exp(s - lse[..., None])  # +inf lse → 0, NaN lse → NaN
     return torch.matmul(p, v), lse
 
 
 def _block_bwd(q, k, v, key_valid, scale, lse, delta, dout):
     """Gradients of one softmax block given its lse / delta (B,H,Lq) → dq, dk, dv (acc dtype)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    p = torch.exp(s - lse[..., None])
+    kv = key_valid[:, None, None, :]
+    s = s.masked_fill(~kv, float("-inf"))
+    p = torch.exp(s - lse[..., None]).masked_fill(~kv, 0.0)  # NaN rows (NaN lse): NaN on valid keys, 0 on masked
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, v.transpose(-1, -2))
-    ds = p * (dp - delta[..., None]) * scale
+    ds = (p * (dp - delta[..., None]) * scale).masked_fill(~kv, 0.0)
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
 
 
@@ -101,8 +104,10 @@ def bottleneck_backward(q, q_offsets, k, v, key_valid, q_valid, scale, lse, delt
 
 
 def masked_mean_forward(x: Tensor, valid: Tensor) -> Tensor:
+    # where, not x * w: a NaN / inf at a padded position is ignored (0 * NaN would be NaN)
     w = valid.to(_acc_dtype(x)).unsqueeze(-1)
-    return ((x.to(w.dtype) * w).sum(1) / w.sum(1).clamp_min(1.0)).to(x.dtype)
+    xs = torch.where(valid.unsqueeze(-1), x.to(w.dtype), 0.0)
+    return (xs.sum(1) / w.sum(1).clamp_min(1.0)).to(x.dtype)
 
 
 def masked_mean_backward(x: Tensor, valid: Tensor, dout: Tensor) -> Tensor:

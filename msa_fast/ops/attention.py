@@ -31,7 +31,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     scale defaults to D^-0.5; dropout_p > 0 applies dropout on the probabilities (C++ / Triton: inside the kernel
     with the counter RNG — the mask of ``testing.reference.dropout_keep_mask(seed, (B, H, Lq, Lk), p)``, seed
     drawn from torch's default generator; torch backend: the reference with ``F.dropout``) → (B, H, Lq, D).
-    A query row with no valid key gives zeros, never NaN.
+    A query row with no valid key gives zeros, never NaN. NaN / ±inf in q or k propagate as in
+    ``testing.reference.attention_ref``: a NaN or +inf score on a valid key makes that row NaN, a row whose valid
+    scores are all −inf gives zeros, padded keys and padded query rows never matter.
     """
     check_float(q, "q", 4, "(B, H, Lq, D)")
     check_float(k, "k", 4, "(B, H, Lk, D)")

@@ -29,7 +29,9 @@ def bottleneck_exchange(queries: Sequence[Tensor], keys: Sequence[Tensor], value
                         key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
                         backend: str = "auto") -> list[Tensor]:
     """queries[m] (B, H, L_m, D); keys[m], values[m] (B, H, K, D), K ≤ 16; query_padding_masks[m] (B, L_m) bool
-    True = padding, or None; key_padding_mask (B, K) bool shared by all modalities → [(B, H, L_m, D)]."""
+    True = padding, or None; key_padding_mask (B, K) bool True = padding, shared by all modalities
+    → [(B, H, L_m, D)]. Rows without a valid key give zeros; NaN / inf in q or k propagate as in
+    ``testing.reference.bottleneck_exchange_ref`` (a NaN or +inf score on a valid key → NaN row)."""
     for what, seq in (("queries", queries), ("keys", keys), ("values", values)):
         if isinstance(seq, Tensor) or not hasattr(seq, "__len__") or len(seq) == 0:
             raise ValueError(f"{what} must be a non-empty list of tensors (one per modality)")

@@ -47,16 +47,39 @@ def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Ten
 
 
 def run_sdpa(q: Tensor, sources: Sequence[Source], scale: float, query_padding_mask: Optional[Tensor]) -> Tensor:
-    """Σ_s SDPA(q, k_s, v_s, mask_s); torch >= 2.5 returns zeros (and finite grads) for fully masked rows on CPU."""
+    """Σ_s SDPA(q, k_s, v_s, mask_s); torch >= 2.5 returns zeros (and finite grads) for fully masked rows on CPU.
+
+    Non-finite inputs follow the reference with device-side fix-ups (elementwise passes over q and k, no host
+    sync): SDPA adds the mask to the scores, so a padded key's k is zeroed first (a NaN there would poison every
+    row); SDPA's CPU kernel returns zeros for a row whose scores are all NaN, so rows with a NaN in q (and a valid
+    key) or whose (batch, head) has a NaN in a valid key's k are set to NaN; rows of a fully padded sample are set
+    to zero. NaN anywhere in q / k then matches the reference exactly. Not covered: ±inf in q meeting padded keys
+    (inf · 0 on the masked lanes gives NaN where the reference may give a finite row) and rows whose scores are
+    all ±inf; the C++ / Triton / torch backends follow the reference in every case.
+    """
     out = None
+    q_nan = None
     for k, v, m in sources:
         if k.shape[2] == 0:
             continue
-        mask = None if m is None else ~m[:, None, None, :]
+        if q_nan is None:
+            q_nan = torch.isnan(q).any(dim=-1)  # (B, H, Lq)
+        k_nan = torch.isnan(k).any(dim=-1)  # (B, H, L_s)
+        mask = None
+        if m is None:
+            poison = q_nan | k_nan.any(dim=-1, keepdim=True)
+        else:
+            mask = ~m[:, None, None, :]
+            k = k.masked_fill(m[:, None, :, None], 0.0)
+            has_key = (~m).any(dim=1)[:, None, None]  # (B, 1, 1)
+            poison = (q_nan & has_key) | (k_nan & ~m[:, None, :]).any(dim=-1, keepdim=True)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if m is not None:
+            o = o.masked_fill(~has_key[..., None], 0.0)
+        o = o.masked_fill(poison[..., None], float("nan"))
         out = o if out is None else out + o
     if out is None:
-        out = torch.zeros_like(q) * q  # keeps the graph (zero gradients)
+        out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0)  # keeps the graph (zero grads, no NaN)
     if query_padding_mask is not None:
         out = out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
     return out
@@ -85,7 +108,8 @@ def multi_source_attention(q: Tensor, sources: Sequence[Source], scale: Optional
 
     q (B, H, Lq, D); sources = [(k_s (B, H, L_s, D), v_s (B, H, L_s, D), key_padding_mask_s (B, L_s) bool
     True = padding, or None), ...] (S ≥ 1, lengths may differ, L_s may be 0); query_padding_mask (B, Lq)
-    → (B, H, Lq, D). A source with no valid key for a row contributes zeros.
+    → (B, H, Lq, D). A source with no valid key for a row contributes zeros; a NaN or +inf score on a valid key of a
+    source makes the row NaN (as ``testing.reference``; padded keys / query rows never matter).
     """
     check_float(q, "q", 4, "(B, H, Lq, D)")
     B, H, Lq, D = q.shape

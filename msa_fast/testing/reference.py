@@ -4,8 +4,14 @@ Plain eager compositions (matmul → masked softmax → matmul) written for clar
 benchmarks and users share one definition (as FlagAttention's ``flag_attn.testing``). ``upcast=True`` computes in
 float64 for error budgets.
 
-Masks: ``key_padding_mask`` / ``query_padding_mask`` are bool with ``True`` = padding. A query row whose keys are
-all padding gets a zero output (never NaN); padded query rows get zero outputs.
+Masks: ``key_padding_mask`` / ``query_padding_mask`` are bool with ``True`` = padding; ``masked_mean_ref`` takes
+``valid`` with ``True`` = valid (the public ``msa_fast.ops.masked_mean`` accepts either, by name). A query row whose
+keys are all padding gets a zero output (never NaN); padded query rows get zero outputs.
+
+Non-finite inputs (every backend reproduces these positions exactly, tests/test_ops_fuzz.py): a query row with a
+NaN or +inf score on a valid key (NaN / inf in q or in a valid key's k) gets a NaN output row; a row whose valid
+scores are all −inf gets zeros, like a fully padded row; the q of a padded query row and the k of a padded key never
+matter. ``masked_mean_ref`` propagates NaN / inf at valid positions and ignores padded positions.
 """
 from __future__ import annotations
 
@@ -110,15 +116,17 @@ def bottleneck_exchange_ref(
     ]
 
 
-def masked_mean_ref(x: Tensor, mask: Optional[Tensor] = None, upcast: bool = False) -> Tensor:
-    """Mean of x (B, L, D) over the positions where mask (B, L) is True → (B, D); an empty row gives zeros."""
+def masked_mean_ref(x: Tensor, valid: Optional[Tensor] = None, upcast: bool = False) -> Tensor:
+    """Mean of x (B, L, D) over the positions where ``valid`` (B, L) bool is True (True = valid; None = all) →
+    (B, D); a row without a valid position gives zeros. Padded positions are ignored whatever they hold (NaN / inf
+    included); NaN / inf at a valid position propagate."""
     dtype = x.dtype
     x = _prep(x, upcast)
-    if mask is None:
+    if valid is None:
         out = x.mean(dim=1)
     else:
-        w = mask.to(x.dtype).unsqueeze(-1)
-        out = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        w = valid.to(x.dtype).unsqueeze(-1)
+        out = torch.where(valid.unsqueeze(-1), x, 0.0).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
     return out if upcast else out.to(dtype)
 
 
