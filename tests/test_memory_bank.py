@@ -170,3 +170,23 @@ def test_bad_input():
         bank.retrieve("a", torch.randn(2, 4), k=2, weighting="max")
     with pytest.raises(ValueError, match="momentum"):
         MemoryBank(10, 4, momentum=1.5)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -0.1, float("nan"), float("inf"), float("-inf"), "0.1", None, True])
+def test_temperature_must_be_a_positive_finite_number(temperature):
+    """τ = 0 used to divide the scores by zero (NaN softmax weights, zeroed into all-zero vectors): refused."""
+    bank = MemoryBank(10, 4, modalities=("a",), index_kwargs={"backend": "torch"})
+    bank.update("a", torch.arange(10), torch.randn(10, 4))
+    for weighting in ("softmax", "mean"):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number > 0"):
+            bank.retrieve("a", torch.randn(3, 4), k=4, weighting=weighting, temperature=temperature)
+
+
+def test_small_positive_temperature_is_accepted_and_not_zero():
+    bank = MemoryBank(10, 4, modalities=("a",), index_kwargs={"backend": "torch"})
+    x = torch.randn(10, 4)
+    bank.update("a", torch.arange(10), x)
+    r, info = bank.retrieve("a", x[:3], k=4, weighting="softmax", temperature=1e-3)
+    assert torch.isfinite(r).all() and (r.abs().sum(1) > 0).all()
+    # a tiny τ approaches the arg-max neighbour (the query's own row here)
+    torch.testing.assert_close(r, x[:3], rtol=1e-3, atol=1e-3)

@@ -1,6 +1,9 @@
 """msa_fast.retrieval.Index: exact search vs an fp64 brute-force reference, ids, IVF, persistence, shards, errors."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,6 +166,82 @@ def test_save_load_roundtrip(tmp_path, kind):
     assert torch.equal(before[1], after[1])
     torch.testing.assert_close(before[0], after[0])
     assert loaded.add(torch.randn(1, 16)).tolist() == [2005]
+
+
+def _small_index() -> Index:
+    idx = Index(8, metric="ip", kind="flat", backend="torch")
+    idx.add(torch.randn(20, 8))
+    return idx
+
+
+def test_save_into_an_unusable_path_names_it(tmp_path):
+    """Runs as root too (where chmod does not deny writes): a parent that is a regular file, a missing parent and a
+    directory as target each raise the errno's OSError subclass with a message naming the path and the reason."""
+    idx = _small_index()
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    target = afile / "idx.pt"
+    with pytest.raises(NotADirectoryError, match=r"cannot save the index to '.*afile/idx\.pt'.*'.*afile' is a file"):
+        idx.save(str(target))
+    target = tmp_path / "missing" / "sub" / "idx.pt"
+    with pytest.raises(FileNotFoundError, match=r"cannot save the index to '.*missing/sub/idx\.pt'.*does not exist"):
+        idx.save(target)  # os.PathLike accepted
+    with pytest.raises(IsADirectoryError, match=r"cannot save the index to '.*'.*is a directory"):
+        idx.save(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing left behind
+
+
+def test_save_into_a_read_only_folder_names_it(tmp_path, monkeypatch):
+    """Read-only folder, simulated (root may write anywhere): creating the temporary file fails with EACCES."""
+    idx = _small_index()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def deny(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) == str(ro):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(index_mod.os, "open", deny)
+    with pytest.raises(PermissionError, match=r"cannot save the index to '.*ro/idx\.pt'.*folder '.*ro' is not "
+                                              r"writable"):
+        idx.save(str(ro / "idx.pt"))
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_save_into_a_chmod_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"cannot save the index to '.*ro/idx\.pt'.*not writable"):
+            _small_index().save(str(ro / "idx.pt"))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails while writing keeps the previous file intact and removes its temporary file."""
+    path = tmp_path / "idx.pt"
+    first = _small_index()
+    first.save(str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["idx.pt"]  # no temporary file left
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(index_mod.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"cannot save the index to '.*idx\.pt'.*no space left"):
+        _small_index().save(str(path))
+    monkeypatch.setattr(index_mod.torch, "save", real_save)
+    assert [p.name for p in tmp_path.iterdir()] == ["idx.pt"]
+    loaded = Index.load(str(path))
+    q = torch.randn(3, 8)
+    assert torch.equal(loaded.search(q, 5)[1], first.search(q, 5)[1])
 
 
 def test_torch_fallback_without_faiss(monkeypatch):

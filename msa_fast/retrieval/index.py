@@ -15,13 +15,16 @@
   per-epoch refreshes re-add vectors without re-training;
 * ``devices=[...]``: one shard per device (sample with id i lives on shard i mod S), same API, results merged;
 * ``save`` / ``load``: one ``torch.save`` file (vectors, ids, the trained empty FAISS index as bytes), loadable with
-  ``weights_only=True``.
+  ``weights_only=True``; ``save`` writes a temporary file in the target's folder and renames it over the target
+  (atomic: a failed save never leaves a truncated index), and an unwritable target raises an ``OSError`` naming it.
 
 Empty result slots (fewer than k candidates after an exclusion) hold id −1 and score −inf (ip/cosine) or +inf (l2).
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 import warnings
 from typing import Any, Optional, Sequence, Union
@@ -29,6 +32,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._atomic import atomic_torch_save
 
 METRICS = ("ip", "cosine", "l2")
 KINDS = ("flat", "ivf_flat", "ivf_pq")
@@ -434,16 +439,24 @@ class Index:
                     exact_engine=self.exact_engine, backend=self.backend,
                     devices=[str(s.device) for s in self._shards])
 
-    def save(self, path: str) -> None:
-        """One file: config, per-shard vectors / ids, the trained empty FAISS index (bytes)."""
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """One file at ``path``: config, per-shard vectors / ids, the trained empty FAISS index (bytes).
+
+        Atomic: the state goes to a temporary file in the same folder, which then replaces ``path`` (``os.replace``),
+        so an interrupted or failed save leaves any previous file intact. A target that cannot be written — its
+        folder is missing, is not a folder, or is read-only; ``path`` is a directory; the disk is full — raises an
+        ``OSError`` (the errno's subclass: ``FileNotFoundError``, ``NotADirectoryError``, ``PermissionError``,
+        ``IsADirectoryError``, ...) whose message names ``path`` and the reason.
+        """
         trained = None
         if self.approximate and self.is_trained:
             faiss = faiss_or_none()
             empty = faiss.clone_index(self._shards[0].ivf)
             empty.reset()
             trained = torch.from_numpy(faiss.serialize_index(empty).copy())
-        torch.save({"format": 1, "config": self.config(), "next_id": self._next_id, "trained": trained,
-                    "shards": [{"x": s.x.cpu(), "ids": s.ids.cpu()} for s in self._shards]}, path)
+        state = {"format": 1, "config": self.config(), "next_id": self._next_id, "trained": trained,
+                 "shards": [{"x": s.x.cpu(), "ids": s.ids.cpu()} for s in self._shards]}
+        _atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path: str, devices: Optional[Sequence[DeviceLike]] = None) -> "Index":
@@ -554,3 +567,38 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(msg, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+def _save_error(path: str, exc: OSError, action: str) -> OSError:
+    """An OSError of ``exc``'s errno class whose message names the target ``path`` and why it cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    code = exc.errno
+    if code == errno.ENOENT:
+        reason = f"its folder {folder!r} does not exist"
+    elif code == errno.ENOTDIR:
+        blocker = folder
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        reason = (f"{blocker!r} is a file, not a folder" if blocker and not os.path.isdir(blocker)
+                  else f"part of {folder!r} is not a folder")
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = f"its folder {folder!r} is not writable"
+    elif code == errno.EISDIR:
+        reason = "it is a directory (pass a file path, e.g. " + repr(os.path.join(path, "index.pt")) + ")"
+    elif code == errno.ENOSPC:
+        reason = "no space left on the device"
+    else:
+        reason = exc.strerror or str(exc)
+    message = f"cannot save the index to {path!r} ({action}): {reason}"
+    return OSError(code, message) if code is not None else OSError(message)
+
+
+def _atomic_torch_save(obj: Any, path: Union[str, "os.PathLike[str]"]) -> None:
+    """``torch.save(obj, path)`` atomically (``msa_fast._atomic``); OSErrors are re-raised naming ``path`` (see
+    ``_save_error``). The file gets the usual umask-based mode."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise _save_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), "target check")
+    atomic_torch_save(obj, path, on_error=lambda err, action: _save_error(path, err, action))

@@ -19,6 +19,8 @@ the aggregated vectors are read from the live storage and neighbours that became
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -27,6 +29,18 @@ from torch import Tensor
 from .index import Index, check_vectors
 
 WEIGHTINGS = ("mean", "similarity", "softmax")
+
+
+def _check_temperature(temperature) -> float:
+    """The softmax temperature τ must be a finite real number > 0 (τ = 0 divided the scores by zero: NaN weights,
+    silently zeroed into all-zero vectors; τ < 0 inverts the ranking)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a finite number > 0 (softmax(score / temperature)), got "
+                         f"{type(temperature).__name__} {temperature!r}")
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0 (softmax(score / temperature)), got {t}")
+    return t
 
 
 class MemoryBank:
@@ -110,10 +124,11 @@ class MemoryBank:
 
         The k nearest available bank rows (minus ``exclude_ids``, one id per query, −1 = none) that pass
         ``threshold`` (similarity ≥ t for ip/cosine, squared distance ≤ t for l2; None = all k) are aggregated:
-        "mean" (HME), "similarity" (weights ∝ max(score, 0); ip/cosine only) or "softmax" (softmax(score / τ); for l2
-        the score is −distance). ``k=None``: every available row is a candidate (HME's exact "all neighbours above
-        the threshold"; aggregated with one (nq, N) @ (N, d) GEMM). Queries without a qualifying neighbour, and those
-        flagged in ``fallback_mask`` (nq,) bool (e.g. HME's entry-sum == 0 test), get the fallback mean.
+        "mean" (HME), "similarity" (weights ∝ max(score, 0); ip/cosine only) or "softmax" (softmax(score / τ) with
+        τ = ``temperature``, a finite number > 0 — 0, negative, NaN or inf raise ValueError whatever the weighting;
+        for l2 the score is −distance). ``k=None``: every available row is a candidate (HME's exact "all neighbours
+        above the threshold"; aggregated with one (nq, N) @ (N, d) GEMM). Queries without a qualifying neighbour, and
+        those flagged in ``fallback_mask`` (nq,) bool (e.g. HME's entry-sum == 0 test), get the fallback mean.
         info: ``ids``, ``scores`` (nq, k), ``valid`` (nq, k) bool, ``fallback`` (nq,) bool (k = #available rows
         when ``k=None``).
         """
@@ -122,6 +137,7 @@ class MemoryBank:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if weighting == "similarity" and self.metric == "l2":
             raise ValueError("weighting='similarity' needs metric 'ip' or 'cosine'")
+        _check_temperature(temperature)
         check_vectors(queries, self.dims[modality], "queries")
         if exclude_ids is not None:
             exclude_ids = torch.as_tensor(exclude_ids).to(torch.long)
