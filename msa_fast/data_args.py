@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--padding", default="auto", choices=("auto", "right", "left", "ignore"),
                    help="padding check of audio/vision frames beyond *_lengths (default auto: right, or left "
                         "detected and shifted; ignore: no check)")
+    i.add_argument("--trust-pickle", action="store_true",
+                   help="load with Python's full unpickler (it can run code: only for files you trust); by default "
+                        "only arrays, numbers, strings and containers are admitted")
     i.set_defaults(func=_run_inspect)
 
 

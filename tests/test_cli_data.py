@@ -106,3 +106,23 @@ def test_inspect_padding_option_and_splits(tmp_path, capsys):
     assert main(["data", "inspect", str(path), "--splits", "test"]) == 0
     out = capsys.readouterr().out
     assert "[test] 4 samples" in out and "[train]" not in out
+
+
+def test_inspect_refuses_a_pickle_that_runs_code(tmp_path, capsys):
+    import os
+    import pickle
+
+    from msa_fast.cli import main
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"train": Evil()}, protocol=4))
+    assert main(["data", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to unpickle" in err and "system" in err and "--trust-pickle" in err
+    assert not marker.exists()

@@ -78,7 +78,8 @@ def describe(data: dict, report: dict) -> list[str]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-    data, report = load_mmsa(args.file, splits=splits, padding=args.padding, return_report=True)
+    data, report = load_mmsa(args.file, splits=splits, padding=args.padding, return_report=True,
+                             trusted=getattr(args, "trust_pickle", False))
     print(f"{args.file}: valid MMSA pickle")
     print("\n".join(describe(data, report)))
     return 0
