@@ -47,6 +47,20 @@ def test_parse_ptxas_log():
         aot.parse_ptxas_log("nothing here")
 
 
+@pytest.mark.parametrize("log, what", [
+    ("ptxas info    : Compiling entry function 'a' for 'sm_80'\n"
+     "ptxas info    : Used 40 registers, 380 bytes cmem[0]\n", "spill line"),
+    ("ptxas info    : Compiling entry function 'a' for 'sm_80'\n"
+     "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n", "register line"),
+    ("ptxas info    : Compiling entry function 'other' for 'sm_80'\n"
+     "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+     "ptxas info    : Used 40 registers\n", "no ptxas -v entry for a"),
+])
+def test_parse_ptxas_log_refuses_incomplete_logs(log, what):
+    with pytest.raises(RuntimeError, match=what):
+        aot.parse_ptxas_log(log, "a")
+
+
 @pytest.fixture(scope="module")
 def aot_rows():
     rows = aot.compile_all_subprocess(CAPABILITIES)

@@ -69,21 +69,23 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 def parse_ptxas_log(log: str, kernel_name: Optional[str] = None) -> dict[str, int]:
     """Parse ``ptxas -v`` output → dict(registers, spill_stores, spill_loads, stack_frame).
 
-    With several functions in one log, values are taken for ``kernel_name`` when given, else the maxima."""
-    blocks = re.split(r"(?=ptxas info\s*: Compiling entry function)", log)
-    chosen = [b for b in blocks if kernel_name is None or f"'{kernel_name}'" in b] or blocks
+    With several functions in one log, values are taken for ``kernel_name`` when given, else the maxima. Every
+    function read must report both its register line and its spill line, and a named kernel must be in the log:
+    a log missing either raises (a silent 0 would pass the spill check without evidence)."""
+    blocks = [b for b in re.split(r"(?=ptxas info\s*: Compiling entry function)", log) if "Compiling entry" in b]
+    chosen = [b for b in blocks if kernel_name is None or f"'{kernel_name}'" in b]
+    if not chosen:
+        raise RuntimeError(f"no ptxas -v entry for {kernel_name or 'any function'} in the log:\n{log}")
     res = dict(registers=0, spill_stores=0, spill_loads=0, stack_frame=0)
-    found = False
     for blk in chosen:
-        for m in _PTXAS_USED.finditer(blk):
-            res["registers"] = max(res["registers"], int(m.group(1)))
-            found = True
-        for m in _PTXAS_SPILL.finditer(blk):
-            res["stack_frame"] = max(res["stack_frame"], int(m.group(1)))
-            res["spill_stores"] = max(res["spill_stores"], int(m.group(2)))
-            res["spill_loads"] = max(res["spill_loads"], int(m.group(3)))
-    if not found:
-        raise RuntimeError(f"could not parse a ptxas -v log:\n{log}")
+        used, spill = _PTXAS_USED.search(blk), _PTXAS_SPILL.search(blk)
+        if used is None or spill is None:
+            missing = " and ".join(n for n, m in (("register", used), ("spill", spill)) if m is None)
+            raise RuntimeError(f"ptxas -v log without its {missing} line:\n{blk}")
+        res["registers"] = max(res["registers"], int(used.group(1)))
+        res["stack_frame"] = max(res["stack_frame"], int(spill.group(1)))
+        res["spill_stores"] = max(res["spill_stores"], int(spill.group(2)))
+        res["spill_loads"] = max(res["spill_loads"], int(spill.group(3)))
     return res
 
 
