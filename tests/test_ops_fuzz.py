@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msa_fast.ops import attention, bottleneck_exchange, masked_mean, multi_source_attention
-from msa_fast.testing import ATOL_FLOOR, assert_close_to_reference, available_backends, compare_with_reference
+from msa_fast.testing import (ATOL_FLOOR, assert_close_to_reference, available_backends, compare_with_reference,
+                              forward_backward_triplet)
 from msa_fast.testing.reference import (attention_ref, bottleneck_exchange_ref, masked_mean_ref,
                                         multi_source_attention_ref)
 
@@ -149,21 +150,10 @@ def _defined(mode, grad, out):
 def compare_nonfinite(run, ref, inputs64, name, grad_map, dtype=torch.float32):
     """``compare_with_reference`` for inputs holding NaN / inf (rules above). ``grad_map[i]`` = (output index,
     mode of ``_defined``) for input i."""
-    def leaves(d):
-        return [t.detach().to(d).requires_grad_(True) for t in inputs64]
-
-    def as_list(o):
-        return list(o) if isinstance(o, (list, tuple)) else [o]
-
-    x64, xd, xb = leaves(torch.float64), leaves(dtype), leaves(dtype)
-    o64, od, ob = as_list(ref(*x64)), as_list(ref(*xd)), as_list(run(*xb))
+    (o64, od, ob), (g64, gd, gb) = forward_backward_triplet(run, ref, inputs64, dtype)
     for i, (a, b, c) in enumerate(zip(ob, o64, od)):
         _same_nonfinite(a, b, f"{name} output[{i}]")
         _close_where(a, b, c, f"{name} output[{i}]")
-    cot = [torch.randn(o.shape, dtype=torch.float64) for o in o64]
-    g64 = torch.autograd.grad(o64, x64, cot, allow_unused=True)
-    gd = torch.autograd.grad(od, xd, [c.to(dtype) for c in cot], allow_unused=True)
-    gb = torch.autograd.grad(ob, xb, [c.to(dtype) for c in cot], allow_unused=True)
     for i, (a, b, c) in enumerate(zip(gb, g64, gd)):
         if b is None:
             continue

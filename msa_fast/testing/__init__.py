@@ -72,14 +72,11 @@ def strided_like(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def compare_with_reference(run, ref, inputs64: Sequence[Tensor], dtype: torch.dtype, name: str = "op",
-                           noncontig: bool = False) -> None:
-    """Check a backend against the fp64 reference with the error rule, for outputs and input gradients.
-
-    run(*inputs) and ref(*inputs) return a tensor or a list of tensors; inputs64 are float64 tensors (they are
-    cast to ``dtype``, optionally made non-contiguous with ``strided_like`` when 4-D, and made leaves requiring
-    grad). Gradients come from one random cotangent per output.
-    """
+def forward_backward_triplet(run, ref, inputs64: Sequence[Tensor], dtype: torch.dtype, noncontig: bool = False):
+    """``((out_ref64, out_ref_dtype, out_backend), (grads_ref64, grads_ref_dtype, grads_backend))``: the reference
+    in float64 and in ``dtype`` and the backend in ``dtype`` on the same inputs (leaves requiring grad; 4-D inputs
+    made non-contiguous with ``strided_like`` when ``noncontig``), gradients from one shared random cotangent per
+    output (``None`` where an input gets none). Outputs are lists."""
     def leaves(d):
         out = []
         for t in inputs64:
@@ -95,11 +92,23 @@ def compare_with_reference(run, ref, inputs64: Sequence[Tensor], dtype: torch.dt
     x64, xd, xb = leaves(torch.float64), leaves(dtype), leaves(dtype)
     o64, od, ob = as_list(ref(*x64)), as_list(ref(*xd)), as_list(run(*xb))
     cot = [torch.randn_like(o) for o in o64]
-    for i, (a, b, c) in enumerate(zip(ob, o64, od)):
-        assert_close_to_reference(a, b, c, name=f"{name} output[{i}]")
     g64 = torch.autograd.grad(o64, x64, cot, allow_unused=True)
     gd = torch.autograd.grad(od, xd, [c.to(dtype) for c in cot], allow_unused=True)
     gb = torch.autograd.grad(ob, xb, [c.to(dtype) for c in cot], allow_unused=True)
+    return (o64, od, ob), (g64, gd, gb)
+
+
+def compare_with_reference(run, ref, inputs64: Sequence[Tensor], dtype: torch.dtype, name: str = "op",
+                           noncontig: bool = False) -> None:
+    """Check a backend against the fp64 reference with the error rule, for outputs and input gradients.
+
+    run(*inputs) and ref(*inputs) return a tensor or a list of tensors; inputs64 are float64 tensors (they are
+    cast to ``dtype``, optionally made non-contiguous with ``strided_like`` when 4-D, and made leaves requiring
+    grad). Gradients come from one random cotangent per output.
+    """
+    (o64, od, ob), (g64, gd, gb) = forward_backward_triplet(run, ref, inputs64, dtype, noncontig)
+    for i, (a, b, c) in enumerate(zip(ob, o64, od)):
+        assert_close_to_reference(a, b, c, name=f"{name} output[{i}]")
     for i, (a, b, c) in enumerate(zip(gb, g64, gd)):
         if b is None:
             continue
@@ -109,4 +118,5 @@ def compare_with_reference(run, ref, inputs64: Sequence[Tensor], dtype: torch.dt
 
 
 __all__ = ["ATOL_FLOOR", "assert_close_to_reference", "available_backends", "compare_with_reference",
+           "forward_backward_triplet",
            "random_padding_mask", "reference", "strided_like"]
