@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training on N processes of this machine through torchrun (gloo on CPU, NCCL on "
                         "GPU); same as torchrun --nproc-per-node N -m msa_fast train ... (default 1)")
+    t.add_argument("--cross-sample", default=None, choices=("global", "local"),
+                   help="with --nproc > 1: what a cross-sample objective (HME's in-batch retrieval) sees: the global "
+                        "batch gathered across ranks (global, the single-process objective; default) or each rank's "
+                        "shard (local: cheaper, a different objective)")
     t.add_argument("--save-predictions", action="store_true",
                    help="write each seed's test predictions (id, label, prediction) as CSV under OUT/results")
     t.set_defaults(func=_train_main)

@@ -13,6 +13,7 @@ from a method is declared here, on ``MSAModel``:
 - ``epoch_state()`` / ``load_epoch_state()``: what that work carries across epochs (checkpointed for exact resume);
 - ``refresh_train_state(train_data)``: state derived from the train split with the current weights (a memory
   bank), rebuilt after weights are loaded (best checkpoint, ``eval``);
+- ``prepare_evaluation()``: work before an evaluation pass that every rank runs together (collectives);
 - ``bench_inputs(...)``: the benchmark factory (from the package's ``bench.py``).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..distributed import BatchScope
 
 
 class MSAModel(nn.Module, metaclass=abc.ABCMeta):
@@ -42,9 +44,16 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     #: caller (``msa_fast.nn.text_encoder.TINY_BERT_CONFIG``).
     TINY_CONFIG: dict[str, Any] = {"use_text_features": True}
     #: True when the training objective mixes the samples of a batch (partners, in-batch retrieval, contrastive
-    #: terms): data-parallel training must then gather across ranks, which ``msa_fast.train.dist`` refuses until
-    #: the model does.
+    #: terms): data-parallel training must then gather across ranks (``gathers_global_batch``).
     cross_sample_training: bool = False
+    #: True when such a model gathers what it mixes across ranks — the step's rows through ``self.batch_scope``
+    #: (``msa_fast.distributed.BatchScope``), its per-epoch passes through ``msa_fast.distributed`` — so that
+    #: data-parallel training keeps the single-process objective. Required for ``cross_sample_training`` models
+    #: under several ranks.
+    gathers_global_batch: bool = False
+    #: This training step's place in the global batch (set by the trainer for each step; default: the batch is
+    #: the whole batch).
+    batch_scope: BatchScope = BatchScope()
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -83,6 +92,12 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
         """Rebuild state derived from the train split with the *current* weights that is not part of the state_dict
         (HME's memory bank). The trainer calls it after loading weights (best checkpoint, ``eval``). Default:
         nothing."""
+
+    def prepare_evaluation(self) -> None:
+        """Called by ``msa_fast.train.evaluate`` on every rank, in eval mode, before the first forward of an
+        evaluation pass: the place for state that takes collectives to build (HME's memory bank is encoded here,
+        1/world of the train split per rank), since a rank with an empty evaluation shard never calls forward.
+        Default: nothing."""
 
     def optimizer_param_groups(self) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
         """Parameter groups of the optimizer (``[{"params": [...], "weight_decay": ...}, ...]``); group keys the

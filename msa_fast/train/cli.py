@@ -48,6 +48,8 @@ def main_train(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return launch_with_torchrun(args)
     config = parse_overrides(args.overrides)
+    if getattr(args, "cross_sample", None):
+        config["cross_sample"] = args.cross_sample
     run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
         missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, device=args.device, out_dir=args.out, key_eval=args.key_eval, early_stop=args.early_stop,

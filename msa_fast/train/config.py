@@ -57,6 +57,9 @@ class TrainConfig:
     select_on: str = "valid"
     seed: int = 1111
     device: str = "cpu"
+    #: under several ranks, what a cross-sample objective sees: "global" (the global batch, gathered with
+    #: gradient: the single-process meaning) or "local" (this rank's shard only; cheaper, a different objective)
+    cross_sample: str = "global"
     missing: Optional[str] = None
     missing_train: Optional[str] = None
     missing_seed: int = DEFAULT_MISSING_SEED
@@ -129,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"select_on must be 'valid' or 'test_per_metric', got {self.select_on!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if self.cross_sample not in ("global", "local"):
+            raise ValueError(f"cross_sample must be 'global' or 'local', got {self.cross_sample!r}")
 
 def _resolve_device(device: str) -> torch.device:
     """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` → ``torch.device``; ValueError naming the argument otherwise."""

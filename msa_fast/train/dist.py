@@ -8,9 +8,16 @@ Equivalence with one process: every rank walks the **same global batch sequence*
 batch size walks (``GlobalBatchShards``: the single-process order of epoch e, each global batch cut into
 ``world_size`` contiguous shards), and each rank's loss is weighted by ``world · n_local / n_global`` so that DDP's
 gradient average equals the gradient of the single-process batch mean, uneven last batches included. Masks of the
-missing-data protocols are drawn from sample index and epoch, not from the rank, so they agree too. Cross-sample
-terms (DashFusion's partners and NT-Xent, HME's in-batch retrieval) would see only the rank's shard: such models
-declare ``cross_sample_training = True`` and are refused under ``world_size > 1`` until they gather globally.
+missing-data protocols are drawn from sample index and epoch, not from the rank, so they agree too.
+
+Cross-sample terms keep their single-process meaning: each step the trainer hands the model a
+``msa_fast.distributed.BatchScope`` (this rank's rows within the global batch) through ``TrainingStep``, and HME's
+in-batch retrieval all-gathers the global batch's H with gradient through it; DashFusion's partner draw is a
+function of (seed, epoch, anchor) and its NT-Xent is per anchor group, so its shards need no gather, and its
+per-epoch partner pools are computed from the train split encoded 1/world per rank and gathered
+(``encode_batches_sharded``). ``TrainConfig.cross_sample = "local"`` keeps each rank's objective on its shard
+(cheaper, a different objective). A model that mixes samples (``cross_sample_training``) without gathering
+(``gathers_global_batch``) is refused under several ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import RandomSampler, Sampler
+
+from ..distributed import BatchScope, shard_bounds
 
 #: How long a collective may wait for the other ranks: a failed rank makes the others exit instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -67,7 +76,7 @@ class DistContext:
 
     def shard_range(self, n: int) -> range:
         """This rank's contiguous part of ``range(n)`` (sizes differ by at most one; evaluation shards)."""
-        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+        bounds = shard_bounds(n, self.world_size)
         return range(bounds[self.rank], bounds[self.rank + 1])
 
 
@@ -115,9 +124,14 @@ class GlobalBatchShards(Sampler[list[int]]):
     def __iter__(self) -> Iterator[tuple[list[int], int, int]]:
         for batch in self.global_batches():
             m = len(batch)
-            bounds = [round(m * r / self.world) for r in range(self.world + 1)]
+            bounds = shard_bounds(m, self.world)
             shard = batch[bounds[self.rank]:bounds[self.rank + 1]]
             yield (shard, len(shard), m) if shard else ([batch[0]], 0, m)
+
+    def scope(self, n_global: int, local: bool = False) -> BatchScope:
+        """The ``BatchScope`` of a global batch of ``n_global`` rows: each rank's number of real rows."""
+        bounds = shard_bounds(n_global, self.world)
+        return BatchScope(self.rank, tuple(b - a for a, b in zip(bounds, bounds[1:])), local)
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
@@ -130,15 +144,22 @@ def loss_weight(n_local: int, n_global: int, world_size: int) -> float:
 
 
 class TrainingStep(torch.nn.Module):
-    """The one module DDP wraps: ``forward(batch)`` is ``model.training_step(batch)``, so the gradient hooks DDP
-    installs see every parameter the objective touches."""
+    """The one module DDP wraps: ``forward(batch, scope)`` is ``model.training_step(batch)`` with
+    ``model.batch_scope = scope`` for the step, so the gradient hooks DDP installs see every parameter the
+    objective touches, including through the gathers of a cross-sample objective."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return self.model.training_step(batch)
+    def forward(self, batch, scope: Optional[BatchScope] = None) -> dict[str, torch.Tensor]:
+        if scope is None:
+            return self.model.training_step(batch)
+        self.model.batch_scope = scope
+        try:
+            return self.model.training_step(batch)
+        finally:
+            self.model.batch_scope = BatchScope()
 
 
 def wrap_for_training(model: torch.nn.Module, ctx: DistContext,
@@ -147,9 +168,10 @@ def wrap_for_training(model: torch.nn.Module, ctx: DistContext,
     step = TrainingStep(model)
     if not ctx.active:
         return step
-    if getattr(model, "cross_sample_training", False):
-        raise ValueError(f"{type(model).__name__}'s training objective mixes samples across the batch (partners / "
-                         f"in-batch retrieval); data-parallel training of it is not supported yet: run one process")
+    if getattr(model, "cross_sample_training", False) and not getattr(model, "gathers_global_batch", False):
+        raise ValueError(f"{type(model).__name__}'s training objective mixes samples across the batch and the model "
+                         f"does not gather them across ranks (gathers_global_batch); data-parallel training of it "
+                         f"is not supported yet: run one process")
     # a model whose objective leaves some parameters without gradient in some steps sets
     # ``ddp_find_unused_parameters = True`` (an extra graph traversal per step otherwise wasted)
     return torch.nn.parallel.DistributedDataParallel(

@@ -79,6 +79,9 @@ def evaluate(model: nn.Module, dataset: MMSADataset, dataset_name: str, batch_si
     rows = list(dist.shard_range(len(dataset)))
     was_training = model.training
     model.eval()
+    prepare = getattr(model, "prepare_evaluation", None)
+    if prepare is not None:  # on every rank, before any forward (a rank's shard may be empty)
+        prepare()
     preds, truths, loss_sum = [], [], 0.0
     try:
         for start in range(0, len(rows), batch_size):
@@ -311,7 +314,8 @@ class Trainer:
         bar = self._progress(shards, self.steps_per_epoch, f"epoch {epoch}")
         for rows, n_local, n_global in bar:
             batch = _apply(train_protocol, self.train_set[rows].to(self.device), epoch, "train")
-            out = self.step_module(batch)
+            scope = shards.scope(n_global, local=self.cfg.cross_sample == "local") if self.dist.active else None
+            out = self.step_module(batch, scope)
             loss = out["loss"]
             self.optim.zero_grad()
             (loss * loss_weight(n_local, n_global, self.dist.world_size)).backward()

@@ -31,7 +31,8 @@ Pipeline bugs fixed by default, official behaviour behind a flag:
   (inherited from ConFEDE); the default uses the retrieved sample indices, self excluded.
 - ``mask_zero_frames`` (False): padding masks from ``*_lengths``; True = the official loader rule (frames whose
   features sum to exactly 0, frame 0 forced valid).
-- Partner draw: ``torch.Generator`` seeded from (``partner_seed``, epoch) instead of Python's global ``random``.
+- Partner draw: counter-based keys from (``partner_seed``, epoch, anchor row) instead of Python's global ``random``
+  (independent of the batch's other samples: data-parallel ranks draw what one process draws).
 - ``epochs`` must be given (the official file's 4 / 25 / 4 contradict its own comments 100 / 125 / 100 and, with
   10 warm-up epochs, never reach the peak LR; kept as ``official_epochs_in_file``).
 Omitted because they compute nothing: the unused official modules (``fc``, ``dense``, ``cls_embedding``, TA
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 
 from ...data.batch import Batch
 from ...data.dataset import SplitRows, concat_batches
+from ...distributed import encode_batches_sharded
 from ...nn.text_encoder import build_bert
 from ...ops import masked_mean
 from ..base import MSAModel
@@ -69,6 +71,9 @@ class DashFusion(MSAModel):
     """``forward(batch) -> {"M": (B,), intermediates}``; ``training_step`` adds the partner contrastive term."""
 
     cross_sample_training = True  # the objective mixes samples of a batch (see msa_fast.train.dist)
+    # ... without needing a gather: each anchor's partners are drawn from (seed, epoch, anchor) and its NT-Xent is
+    # over its own group of 7; the per-epoch pools come from encode_split (sharded and gathered across ranks)
+    gathers_global_batch = True
     TINY_CONFIG = {"use_text_features": True, "d_model": 32, "encoder_ff_dim": 64, "fusion_ff_dim": 64,
                    "contrastive_weight": 0.0, "warmup_epochs": 0}
     CONFIGS: dict[str, dict[str, Any]] = {
@@ -137,7 +142,7 @@ class DashFusion(MSAModel):
                                         nn.Linear(d, 1))
         if c["partner_seed"] is None:
             c["partner_seed"] = torch.initial_seed() % 2**63
-        self.partner_generator = torch.Generator().manual_seed(int(c["partner_seed"]))
+        self.partner_draw_seed = int(c["partner_seed"])  # of the current epoch (prepare_epoch)
         self.partner_pools: Optional[dict[str, Tensor]] = None  # {"ss","dd","sd"}: (N, k) train rows
         self._train_split: Optional[SplitRows] = None
 
@@ -224,7 +229,7 @@ class DashFusion(MSAModel):
             raise RuntimeError("DashFusion.training_step needs partner pools: call prepare_epoch(epoch, train_data) "
                                "first (or set contrastive_weight=0)")
         b = batch.batch_size
-        rows = draw_partners(self.partner_pools, batch.index, self.partner_generator)
+        rows = draw_partners(self.partner_pools, batch.index, self.partner_draw_seed)
         partners = self._train_split.rows(rows).to(batch.labels.device)
         joint = self.encode(concat_batches([batch, partners]))
         anchor_len = max(1, int(batch.text_lengths.max()))
@@ -256,7 +261,7 @@ class DashFusion(MSAModel):
                 feats, retrieval_labels(labels, c["round_partner_labels"]), k=c["partner_pool_size"],
                 rank_index_bug=c["rank_index_bug"], window_top=c["partner_window_top"],
                 window_bottom=c["partner_window_bottom"])
-        self.partner_generator.manual_seed((int(self.config["partner_seed"]) * 100_003 + int(epoch)) % 2**63)
+        self.partner_draw_seed = (int(self.config["partner_seed"]) * 100_003 + int(epoch)) % 2**63
 
     def epoch_state(self) -> dict[str, Any]:
         """The partner pools: built on odd epochs from the model of that moment, used again on the next (even)
@@ -272,19 +277,22 @@ class DashFusion(MSAModel):
 
     @torch.no_grad()
     def encode_split(self, split: SplitRows, batch_size: int = 128) -> tuple[Tensor, Tensor]:
-        """Pooled features (N, 3d) = cat(t̄, v̄, ā) (official order, eval mode, batches of 128) and labels (N,)."""
+        """Pooled features (N, 3d) = cat(t̄, v̄, ā) (official order, eval mode, batches of 128) and labels (N,), on
+        the CPU. Under ``torch.distributed`` the batches are dealt to the ranks and gathered (same result, 1/world
+        of the work per rank): every rank must call it (the trainer's ``prepare_epoch`` does)."""
         was_training = self.training
         self.eval()
-        feats, labels = [], []
+
+        def encode(rows: range) -> dict[str, Tensor]:
+            b = split.rows(torch.arange(rows.start, rows.stop)).to(self.device)
+            enc = self.encode(b, align=False)
+            return {"feats": torch.cat([enc["text_encoder.mean"], enc["vision_encoder.mean"],
+                                        enc["audio_encoder.mean"]], dim=-1), "labels": b.labels}
         try:
-            for b in split.batches(batch_size, self.device):
-                enc = self.encode(b, align=False)
-                feats.append(torch.cat([enc["text_encoder.mean"], enc["vision_encoder.mean"],
-                                        enc["audio_encoder.mean"]], dim=-1).cpu())
-                labels.append(b.labels.cpu())
+            out = encode_batches_sharded(len(split), batch_size, encode)
         finally:
             self.train(was_training)
-        return torch.cat(feats), torch.cat(labels)
+        return out["feats"].cpu(), out["labels"].cpu()
 
     # ------------------------------------------------------------------------------------------------------------
     # official weights

@@ -2,7 +2,7 @@
 
 Per anchor the official loader returns 6 partners ordered [ss, ss, dd, dd, sd, sd] (ss: similar features and same
 label; dd: dissimilar, different label; sd: similar, different label = hard negatives), each pair drawn without
-replacement from a pool of 10. Here the draw uses a ``torch.Generator`` (reproducible from a seed) instead of
+replacement from a pool of 10. Here the draw is counter-based (a hash of seed, epoch and anchor row) instead of
 Python's global ``random``; the pools come from ``msa_fast.retrieval.partners`` (see ``retrieve_partner_pools``).
 Train-split row access (partner lookup, re-encoding) is ``msa_fast.data.dataset.SplitRows``.
 """
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...retrieval.partners import label_aware_partners
+from ...testing.reference import counter_rng_bits
 
 PARTNER_KINDS = ("ss", "dd", "sd")  # draw order per anchor: 2 of each
 PARTNERS_PER_ANCHOR = 6
@@ -73,20 +74,25 @@ def retrieve_partner_pools(features: Tensor, labels: Tensor, k: int, rank_index_
     return {kind: pools[kind].long().cpu() for kind in PARTNER_KINDS}
 
 
-def draw_partners(pools: dict[str, Tensor], anchors: Tensor, generator: torch.Generator) -> Tensor:
+def draw_partners(pools: dict[str, Tensor], anchors: Tensor, seed: int) -> Tensor:
     """Two distinct partners of each kind per anchor, ordered [ss, ss, dd, dd, sd, sd] → (B·6,) train rows.
 
     pools[kind] (N, k) with −1 marking empty slots (a pool may hold fewer than k); anchors (B,) train rows.
     A pool with one entry gives it twice; an empty pool gives the anchor itself (the official code would fail).
+    The draw of an anchor is a function of (``seed``, anchor row) only — counter-based random keys, the dropout
+    RNG's hash — so it does not depend on which other samples share the batch or on which rank the anchor is
+    trained: data-parallel ranks draw exactly the partners one process draws.
     """
     anchors = anchors.cpu().long()
     picks = []
-    for kind in PARTNER_KINDS:
+    for kind_index, kind in enumerate(PARTNER_KINDS):
         pool = pools[kind][anchors]  # (B, k)
         valid = pool >= 0
+        k = pool.shape[1]
+        counters = (anchors[:, None] * len(PARTNER_KINDS) + kind_index) * k + torch.arange(k)
         # Random keys, invalid slots last: the first two columns of the sort are a uniform draw without replacement.
-        keys = torch.rand(pool.shape, generator=generator).masked_fill(~valid, 2.0)
-        order = keys.argsort(dim=1)
+        keys = counter_rng_bits(int(seed) % 2**64, counters).masked_fill(~valid, 2**32)
+        order = keys.argsort(dim=1, stable=True)
         n_valid = valid.sum(dim=1, keepdim=True)
         cols = torch.minimum(torch.arange(2).expand(len(pool), 2), (n_valid - 1).clamp_min(0))
         chosen = pool.gather(1, order.gather(1, cols))

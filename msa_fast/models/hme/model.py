@@ -39,6 +39,8 @@ Pipeline / evaluation bugs fixed by default, official behaviour behind a flag (s
   ``build_memory_bank(train_data)``. ``eval_retrieval="in_batch"``: the official transductive retrieval over the
   evaluation batch. Training always retrieves in-batch (official).
 - ``vib_sample_at_eval=False`` (default): the VIB code is μ at evaluation; ``True``: μ + ε·σ as the official code.
+  ``vib_sample_in_training=False`` (not official) uses μ in training too: a deterministic step (e.g. to compare a
+  data-parallel run with one process, whose noise draws differ by rank).
 - Masks redrawn per epoch, loaders shuffled at evaluation, optimizer re-created per epoch: data / trainer level
   (``msa_fast.data.ModalityDrop``, trainer options), not in the model.
 One deliberate deviation: the official ``.squeeze()`` after pooling makes B = 1 a special case; here it is not.
@@ -88,6 +90,9 @@ class HME(MSAModel):
     """
 
     cross_sample_training = True  # the objective mixes samples of a batch (see msa_fast.train.dist)
+    gathers_global_batch = True  # training retrieval over the global batch (_in_batch_retrieve)
+    # the official 1-token-key attentions never use their q projection / pre-norm: DDP must not wait for them
+    ddp_find_unused_parameters = True
     TINY_CONFIG = {"use_text_features": True, "d_l": 32, "num_heads": 4, "layers": 1, "latent_layers": 1,
                    "final_layers": 1, "final_ffn_dim": 64, "hyper_depth": 1}
     CONFIGS: dict[str, dict[str, Any]] = {
@@ -104,7 +109,7 @@ class HME(MSAModel):
             # objective
             "unimodal_weight": 0.8, "kl_weight": 0.01,
             # evaluation-time behaviour (see module docstring)
-            "eval_retrieval": "bank", "vib_sample_at_eval": False, "retrieval_exclude_missing": False,
+            "eval_retrieval": "bank", "vib_sample_at_eval": False, "vib_sample_in_training": True, "retrieval_exclude_missing": False,
             "retrieval_backend": "auto",
             "bank_batch_size": 128,
             # official optimisation recipe (read by the trainer)
@@ -209,14 +214,29 @@ class HME(MSAModel):
                 r, info = bank_retrieve(self.bank, m, h[i], self.config["similarity_threshold"], details)
             else:
                 ok = avail[:, i] if self.config["retrieval_exclude_missing"] else None
-                r, info = in_batch_retrieve(h[i], ok, threshold=self.config["similarity_threshold"],
-                                            backend="torch" if details else self.config["retrieval_backend"],
-                                            return_similarity=details)
+                r, info = self._in_batch_retrieve(h[i], ok, details)
             out[f"R_{m}"] = r
             if details:
                 out[f"retrieval.cos_{m}"], out[f"retrieval.neighbours_{m}"] = info["cos"], info["neighbours"]
         out.update(self.fuse(out))
         return out
+
+    def _in_batch_retrieve(self, h: Tensor, available: Optional[Tensor], details: bool) -> tuple[Tensor, dict]:
+        """The official in-batch retrieval over the **global** batch of the step: under data-parallel training the
+        rows of every rank are all-gathered with gradient (``self.batch_scope``), retrieved over, and this rank's
+        rows kept — the single-process result and gradient. A rank holding only a zero-weight stand-in row
+        retrieves over itself (it still takes part in the gather)."""
+        kwargs = dict(threshold=self.config["similarity_threshold"],
+                      backend="torch" if details else self.config["retrieval_backend"], return_similarity=details)
+        scope = self.batch_scope
+        if not (self.training and scope.active):
+            return in_batch_retrieve(h, available, **kwargs)
+        rows, mine = scope.gather(h)
+        ok = None if available is None else scope.gather(available.to(h.dtype))[0] > 0.5
+        if mine.stop == mine.start:
+            return in_batch_retrieve(h, available, **kwargs)
+        r, info = in_batch_retrieve(rows, ok, **kwargs)
+        return r[mine], {k: v[mine] for k, v in info.items()}
 
     def encode(self, batch: Batch) -> dict[str, Tensor]:
         """BERT, missing-modality zeroing, projections, MulT encoders and max pooling: ``H_l/a/v`` (B, d),
@@ -255,7 +275,7 @@ class HME(MSAModel):
         for pair in PAIRS:
             src, dst = pair[0], pair[2]
             res[f"hyper_pair.{pair}"] = getattr(self, pair)(e[src][:, None], e[dst][:, None])
-        sample = self.training or self.config["vib_sample_at_eval"]
+        sample = self.config["vib_sample_in_training"] if self.training else self.config["vib_sample_at_eval"]
         vib = {}
         for m in MODS:
             others = [p for p in PAIRS if p[0] == m]
@@ -334,6 +354,12 @@ class HME(MSAModel):
             self.train(was_training)
         self._bank_source = train_data
         self._bank_stale = False
+
+    def prepare_evaluation(self) -> None:
+        """Builds a stale memory bank before the evaluation pass (on every rank together: the train split is encoded
+        1/world per rank and gathered)."""
+        if not self.training and self.config["eval_retrieval"] == "bank":
+            self._refresh_bank()
 
     def _refresh_bank(self) -> None:
         if self._bank_stale and self._bank_source is not None:

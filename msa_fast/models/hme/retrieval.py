@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ...data.batch import Batch
-from ...data.dataset import iterate_batches
+from ...data.dataset import SplitRows
+from ...distributed import encode_batches_sharded
 from ...retrieval.memory_bank import MemoryBank
 
 
@@ -26,24 +27,27 @@ def build_hme_bank(encode: Callable[[Batch], Mapping[str, Tensor]], train_data: 
                    dim: int, batch_size: int, device: Union[str, torch.device]) -> MemoryBank:
     """Encode the train split with ``encode`` (→ ``H_<m>`` (B, dim)) into a ``MemoryBank`` keyed by ``Batch.index``.
 
-    ``train_data``: anything ``msa_fast.data.dataset.iterate_batches`` accepts. Availability (B, M) of the train
-    batches (None = all present) marks missing modalities as unavailable.
+    ``train_data``: anything ``msa_fast.data.dataset.SplitRows`` accepts. Availability (B, M) of the train
+    batches (None = all present) marks missing modalities as unavailable. Under ``torch.distributed`` the batches
+    are dealt to the ranks and the embeddings gathered (``encode_batches_sharded``): every rank builds the same bank
+    from all ranks' features, each encoding 1/world of the split; every rank must call it.
     """
-    index, h, avail = [], {m: [] for m in modalities}, []
-    for b in iterate_batches(train_data, batch_size, device):
-        enc = encode(b)
-        index.append(b.index)
-        for m in modalities:
-            h[m].append(enc[f"H_{m}"])
-        avail.append(b.availability_or_ones().to(device).bool())
-    if not index:
+    split = SplitRows(train_data)
+    if len(split) == 0:
         raise ValueError("train_data holds no samples: cannot build the HME memory bank")
-    ids = torch.cat(index).to(device)
-    available = torch.cat(avail)
+
+    def encode_rows(rows: range) -> dict[str, Tensor]:
+        b = split.rows(torch.arange(rows.start, rows.stop)).to(device)
+        enc = encode(b)
+        return {"index": b.index.to(device), "available": b.availability_or_ones().to(device, torch.uint8),
+                **{f"H_{m}": enc[f"H_{m}"] for m in modalities}}
+
+    out = encode_batches_sharded(len(split), batch_size, encode_rows)
+    ids, available = out["index"], out["available"].bool()
     bank = MemoryBank(int(ids.max()) + 1, dim, modalities, metric="cosine", kind="flat", device=device,
                       index_kwargs={"backend": "torch"})  # exact torch GEMM: deterministic neighbour sets
     for i, m in enumerate(modalities):
-        bank.update(m, ids, torch.cat(h[m]), available[:, i])
+        bank.update(m, ids, out[f"H_{m}"], available[:, i])
     return bank
 
 
