@@ -2,7 +2,6 @@
 sharded retrieval (ShardedIndex / ShardedMemoryBank) against their single-process counterparts."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
