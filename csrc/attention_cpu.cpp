@@ -22,6 +22,19 @@
 
 namespace msa_fast {
 torch::Tensor dropout_apply(torch::Tensor x, double p, int64_t seed);  // dropout_cpu.cpp
+std::vector<torch::Tensor> expert_mixture_forward(torch::Tensor x, torch::Tensor gates, torch::Tensor w1,
+                                                  torch::Tensor b1, torch::Tensor w2, torch::Tensor b2,
+                                                  bool gelu);  // expert_mixture_cpu.cpp
+std::vector<torch::Tensor> expert_mixture_backward(torch::Tensor x, torch::Tensor gates, torch::Tensor w1,
+                                                   torch::Tensor b1, torch::Tensor w2, torch::Tensor b2,
+                                                   torch::Tensor z, torch::Tensor dout, bool gelu);
+std::vector<torch::Tensor> expert_mixture_topk_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor wt,
+                                                       torch::Tensor w1, torch::Tensor b1, torch::Tensor w2,
+                                                       torch::Tensor b2, bool gelu);
+std::vector<torch::Tensor> expert_mixture_topk_backward(torch::Tensor x, torch::Tensor wt, torch::Tensor w1,
+                                                        torch::Tensor w2, torch::Tensor order, torch::Tensor pos,
+                                                        torch::Tensor offsets, torch::Tensor z, torch::Tensor y,
+                                                        torch::Tensor dout, bool gelu);
 std::vector<torch::Tensor> row_topk(torch::Tensor s, std::vector<int64_t> bounds, int64_t k,
                                     bool largest);  // partners_cpu.cpp
 }  // namespace msa_fast
@@ -715,6 +728,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_topk", &msa_fast::row_topk, "row-wise top-k over column ranges -> (values, columns), best first");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");
   m.def("masked_mean_backward", &masked_mean_backward, "masked mean backward");
+  m.def("expert_mixture_forward", &msa_fast::expert_mixture_forward, "dense expert mixture forward -> (out, z)");
+  m.def("expert_mixture_backward", &msa_fast::expert_mixture_backward,
+        "dense expert mixture backward -> (dx, dgates, dw1, db1, dw2, db2)");
+  m.def("expert_mixture_topk_forward", &msa_fast::expert_mixture_topk_forward,
+        "top-k expert mixture forward -> (out, order, pos, offsets, z, y)");
+  m.def("expert_mixture_topk_backward", &msa_fast::expert_mixture_topk_backward,
+        "top-k expert mixture backward -> (dx, dexpert_weight, dw1, db1, dw2, db2)");
   m.def("set_poison", [](bool on) { msa_fast::g_poison = on; },
         "test hook: fill outputs with NaN before the kernels run");
   m.def("num_threads", []() { return at::get_num_threads(); });

@@ -7,6 +7,9 @@
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` per source with a boolean mask;
 - ``cpp``: msa_fast's C++/OpenMP backend (one call for all sources / modalities);
 - on CUDA: ``triton`` (msa_fast kernels) with ``triton.testing.do_bench``.
+``expert_mixture`` (dense gated mixture of E expert FFNs d → h → d, GELU; full: B=16 x 150 tokens, d=128, h=512,
+E=4): ``eager`` = the Python loop over experts (``testing.reference.expert_mixture_ref``), ``bmm`` = one batched
+composition (torch.baddbmm over the expert stack → gelu → torch.baddbmm → gate-weighted sum), ``cpp`` / ``triton``.
 
 Columns: median ms over ``--repeat`` runs, ratios ``eager/cpp`` and ``sdpa/cpp`` (> 1: cpp faster), optional
 peak extra memory (``--memory``: RSS growth of one run in a fresh process) and a roofline estimate (FLOPs, bytes
@@ -26,9 +29,13 @@ if TYPE_CHECKING:  # torch is imported inside the functions: ``msa-fast bench op
     import torch
 
 #: The ops ``--op`` can select (every case of ``_cases`` uses one of them).
-OPS = ("attention", "multi_source", "bottleneck", "masked_mean", "self_attention_dropout", "dropout")
+OPS = ("attention", "multi_source", "bottleneck", "masked_mean", "self_attention_dropout", "dropout",
+       "expert_mixture")
 MOSI = dict(B=32, H=8, text=50, audio=376, vision=501)
 TINY = dict(B=2, H=2, text=8, audio=24, vision=30)
+#: expert_mixture (MIDG's MoIE) shapes: B samples x (text + audio + vision) tokens, d = D, hidden h, E = K experts
+MOE_MOSI = dict(B=16, L=50 + 50 + 50, h=512)
+MOE_TINY = dict(B=2, L=12, h=32)
 # H100 SXM: fp32 (non-tensor-core) 67 TFLOP/s, HBM3 3.35 TB/s — used only for the printed roofline bound
 H100_FLOPS, H100_BW = 67e12, 3.35e12
 
@@ -145,6 +152,26 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         inputs = [x]
         return dict(inputs=inputs, providers=provs, flops=B * v_len * H * D, bytes_fused=x.numel() * el,
                     bytes_eager=3 * x.numel() * el)
+    elif op == "expert_mixture":  # D = d_model, K = number of experts
+        from ..testing.reference import expert_mixture_ref
+
+        moe = MOE_MOSI if shape == MOSI else MOE_TINY
+        N, E, Hd = moe["B"] * moe["L"], K, moe["h"]
+        x, gates = rnd(N, D), torch.softmax(rnd(N, E), -1)
+        w1, b1 = rnd(E, D, Hd) * D ** -0.5, rnd(E, Hd) * 0.1
+        w2, b2 = rnd(E, Hd, D) * Hd ** -0.5, rnd(E, D) * 0.1
+
+        def bmm(x, gates, w1, b1, w2, b2):
+            hid = F.gelu(torch.baddbmm(b1[:, None], x.expand(E, N, D), w1))  # (E, N, h)
+            y = torch.baddbmm(b2[:, None], hid, w2)  # (E, N, d)
+            return (y * gates.t()[:, :, None]).sum(0)
+
+        provs = {"eager": lambda *t: expert_mixture_ref(*t),
+                 "bmm": bmm,
+                 "cpp": lambda *t: ops.expert_mixture(*t, backend="cpp"),
+                 "triton": lambda *t: ops.expert_mixture(*t, backend="triton")}
+        c = _formula(op, dict(shape, **moe), D, K, el)
+        return dict(inputs=[x, gates, w1, b1, w2, b2], providers=provs, **c)
     else:
         raise ValueError(f"unknown op {op!r}")
     flops = 4 * B * H * qk * D
@@ -213,6 +240,7 @@ def _cases(full: bool):
     rows.append(("masked_mean", 16, 0, True))
     rows.append(("self_attention_dropout", 16, 0, True))
     rows.append(("dropout", 16, 0, True))
+    rows.append(("expert_mixture", 128 if full else 16, 4, True))
     return shape, rows
 
 
@@ -231,13 +259,15 @@ def run_cpu(full: bool = False, repeat: int = 5, modes=("fwd", "fwd+bwd"), memor
         for mode in modes:
             bwd = mode == "fwd+bwd"
             row = dict(op=op, D=D, K=K or "", masked=masked, mode=mode)
-            for name in ("eager", "sdpa", "cpp"):
+            names = ("eager", "sdpa", "cpp") if "bmm" not in case["providers"] else ("eager", "bmm", "cpp")
+            for name in names:
                 if name in case["providers"]:
                     row[f"{name}_ms"] = time_ms(_step(case["providers"][name], case["inputs"], bwd), repeat)
                 else:
                     row[f"{name}_ms"] = None
             row["eager/cpp"] = row["eager_ms"] / row["cpp_ms"]
-            row["sdpa/cpp"] = row["sdpa_ms"] / row["cpp_ms"] if row["sdpa_ms"] else None
+            second = names[1]
+            row[f"{second}/cpp"] = row[f"{second}_ms"] / row["cpp_ms"] if row[f"{second}_ms"] else None
             if memory:
                 for name in ("eager", "cpp"):
                     row[f"{name}_peak_MB"] = peak_extra_mb(op, shape, D, K, masked, name, bwd)
@@ -268,6 +298,13 @@ def _formula(op, shape, D, K, el=4):
     if op == "dropout":
         n = B * v * H * D
         return dict(flops=n, bytes_fused=2 * n * el, bytes_eager=4 * n * el)
+    if op == "expert_mixture":  # D = d, K = E; the fused path stores Z (N, E·h) once, eager writes/reads H and Y
+        moe = MOE_MOSI if shape == MOSI else (shape if "L" in shape else MOE_TINY)
+        N, Hd = moe["B"] * moe["L"], moe["h"]
+        weights = 2 * K * D * Hd
+        fused = (2 * N * D + N * K + weights + N * K * Hd) * el
+        eager = fused + (3 * N * K * Hd + 2 * N * K * D) * el
+        return dict(flops=4 * N * K * D * Hd, bytes_fused=fused, bytes_eager=eager)
     qk, io = {"attention": (t * v, 2 * t + 2 * v), "multi_source": (t * (a + v), 2 * t + 2 * (a + v)),
               "bottleneck": ((t + a + v) * K, 2 * (t + a + v) + 6 * K),
               "self_attention_dropout": (v * v, 4 * v)}[op]
@@ -287,7 +324,7 @@ def run_gpu(full: bool = True, only: Optional[str] = None) -> list[dict]:
         case = make_case(op, shape, D, K, masked, device="cuda")
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=op, D=D, K=K or "", masked=masked, mode=mode)
-            for name in ("eager", "sdpa", "triton"):
+            for name in ("eager", "sdpa", "bmm", "triton"):
                 if name in case["providers"]:
                     row[f"{name}_ms"] = do_bench(_step(case["providers"][name], case["inputs"], mode != "fwd"))
             rows.append(row)
@@ -324,7 +361,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"CPU, {torch.get_num_threads()} threads, {'MOSI' if args.full else 'tiny'} shapes, median of "
           f"{args.repeat} runs")
     rows = run_cpu(full=args.full, repeat=args.repeat, modes=modes, memory=args.memory, only=args.op)
-    print(format_table(rows))
+    groups: dict[tuple, list] = {}  # rows with different provider columns (expert_mixture: bmm) in their own table
+    for r in rows:
+        groups.setdefault(tuple(r), []).append(r)
+    print("\n\n".join(format_table(g) for g in groups.values()))
     print("\nRoofline estimate (fp32, MOSI shapes; H100 lower bound = max(FLOPs/67 TFLOP/s, bytes/3.35 TB/s)):")
     print(format_table(roofline(full=True)))
     if torch.cuda.is_available():

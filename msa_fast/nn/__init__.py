@@ -2,6 +2,7 @@
 from .attention import CrossModalAttention, MultiSourceAttention, merge_heads, split_heads
 from .bottleneck import BottleneckFusion, BottleneckFusionLevel
 from .dropout import Dropout
+from .expert_mixture import ExpertMixture
 
-__all__ = ["BottleneckFusion", "BottleneckFusionLevel", "CrossModalAttention", "Dropout", "MultiSourceAttention",
-           "merge_heads", "split_heads"]
+__all__ = ["BottleneckFusion", "BottleneckFusionLevel", "CrossModalAttention", "Dropout", "ExpertMixture",
+           "MultiSourceAttention", "merge_heads", "split_heads"]

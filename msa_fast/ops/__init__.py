@@ -6,6 +6,8 @@ Public functional API (shapes in each docstring):
 - ``bottleneck_exchange(queries, keys, values, query_padding_masks=None, key_padding_mask=None, scale=None)``
 - ``masked_mean(x, valid=None, *, key_padding_mask=None)``
 - ``dropout(x, p, training=True, seed=None)`` (counter-RNG mask, regenerated in backward)
+- ``expert_mixture(x, gates, w1, b1, w2, b2, activation="gelu")`` (dense gated mixture of E expert FFNs) and
+  ``expert_mixture_topk(x, expert_idx, expert_weight, w1, b1, w2, b2, activation="gelu")`` (top-k routed)
 
 Mask conventions — every mask is a bool tensor and its name says what True means:
 - ``key_padding_mask``, ``query_padding_mask``, ``query_padding_masks``, sources' masks: **True = padding**
@@ -24,7 +26,9 @@ from ._dispatch import use_backend
 from .attention import attention
 from .bottleneck_exchange import bottleneck_exchange
 from .dropout import dropout
+from .expert_mixture import expert_mixture, expert_mixture_topk
 from .masked_mean import masked_mean
 from .multi_source_attention import multi_source_attention
 
-__all__ = ["attention", "bottleneck_exchange", "dropout", "masked_mean", "multi_source_attention", "use_backend"]
+__all__ = ["attention", "bottleneck_exchange", "dropout", "expert_mixture", "expert_mixture_topk", "masked_mean",
+           "multi_source_attention", "use_backend"]

@@ -176,3 +176,47 @@ def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: Optiona
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
     n = torch.arange(numel, dtype=torch.int64, device=device)
     return (counter_rng_bits(seed, n) >= dropout_keep_threshold(p)).reshape(tuple(shape))
+
+
+# ---- expert mixture (MIDG's Mixture of Invariant Experts) --------------------------------------------------------
+def _expert_act(z: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)  # exact (erf) GELU
+    if activation == "relu":
+        return torch.relu(z)
+    raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+
+
+def expert_ffn_ref(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, e: int,
+                   activation: str = "gelu") -> Tensor:
+    """Expert ``e``'s FFN on x (N, d): act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] → (N, d)."""
+    return _expert_act(x @ w1[e] + b1[e], activation) @ w2[e] + b2[e]
+
+
+def expert_mixture_ref(x: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                       activation: str = "gelu", upcast: bool = False) -> Tensor:
+    """Dense mixture of E expert FFNs: out[n] = Σ_e gates[n, e] · (act(x[n] @ w1[e] + b1[e]) @ w2[e] + b2[e]).
+
+    x (N, d), gates (N, E), w1 (E, d, h), b1 (E, h), w2 (E, h, d), b2 (E, d) → (N, d) in x's dtype (float64 when
+    ``upcast``). A plain loop over the experts, written for clarity."""
+    dtype = x.dtype
+    x, gates, w1, b1, w2, b2 = (_prep(t, upcast) for t in (x, gates, w1, b1, w2, b2))
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        out = out + gates[:, e:e + 1] * expert_ffn_ref(x, w1, b1, w2, b2, e, activation)
+    return out if upcast else out.to(dtype)
+
+
+def expert_mixture_topk_ref(x: Tensor, expert_idx: Tensor, expert_weight: Tensor, w1: Tensor, b1: Tensor,
+                            w2: Tensor, b2: Tensor, activation: str = "gelu", upcast: bool = False) -> Tensor:
+    """Top-k routed mixture: out[n] = Σ_j expert_weight[n, j] · FFN_{expert_idx[n, j]}(x[n]).
+
+    expert_idx (N, k) integer in [0, E), expert_weight (N, k); other shapes as ``expert_mixture_ref``. Each expert
+    runs on every token here and the result is selected per slot (clarity over speed)."""
+    dtype = x.dtype
+    x, expert_weight, w1, b1, w2, b2 = (_prep(t, upcast) for t in (x, expert_weight, w1, b1, w2, b2))
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        sel = (expert_idx == e).to(x.dtype) * expert_weight  # (N, k): weight of expert e in each slot
+        out = out + sel.sum(1, keepdim=True) * expert_ffn_ref(x, w1, b1, w2, b2, e, activation)
+    return out if upcast else out.to(dtype)
