@@ -49,6 +49,8 @@ def lines() -> list[str]:
     for name in names:
         cls = get_model_class(name)
         out.append(f"  {name:<{width}}  {describe_model(cls)}")
+        if getattr(cls, "provenance", ""):
+            out.append(f"  {'':<{width}}  provenance: {cls.provenance}")
         out.append(f"  {'':<{width}}  datasets: {', '.join(model_datasets(cls, DATASETS)) or '(none)'}")
     out.append("")
     out.append("datasets (msa-fast train -d NAME; feature dim x unaligned length):")

@@ -46,6 +46,9 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     #: True when the training objective mixes the samples of a batch (partners, in-batch retrieval, contrastive
     #: terms): data-parallel training must then gather across ranks (``gathers_global_batch``).
     cross_sample_training: bool = False
+    #: Where the architecture comes from when it is not the official code (e.g. "reconstruction, not the authors'
+    #: code"): shown by ``msa-fast models`` and written next to the model name in results CSVs. "" = official.
+    provenance: str = ""
     #: True when such a model gathers what it mixes across ranks — the step's rows through ``self.batch_scope``
     #: (``msa_fast.distributed.BatchScope``), its per-epoch passes through ``msa_fast.distributed`` — so that
     #: data-parallel training keeps the single-process objective. Required for ``cross_sample_training`` models

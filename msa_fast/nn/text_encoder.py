@@ -46,3 +46,6 @@ TINY_BERT_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.1,
     attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, pad_token_id=0, initializer_range=0.02,
 )
+#: BERT-base's shape (bert-base-uncased: 12 layers, 110 M parameters; SIMS' bert-base-chinese differs only in the
+#: vocabulary) with random weights: benchmarks get the real cost without a download.
+BERT_BASE_CONFIG: dict[str, Any] = dict(TINY_BERT_CONFIG, vocab_size=30522, num_hidden_layers=12)

@@ -369,6 +369,7 @@ class Trainer:
             start = time.perf_counter()
             train_m = self.train_epoch(epoch)
             valid_m = self._evaluate(self.valid_set, "valid")
+            self.optim.plateau_step(valid_m)  # per-epoch ReduceLROnPlateau of models that declare it
             value = float(valid_m[self.cfg.key_eval]) if self.cfg.key_eval in valid_m else None
             if value is None:
                 raise ValueError(f"key_eval {self.cfg.key_eval!r} is not a metric; choose from {sorted(valid_m)}")

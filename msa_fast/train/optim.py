@@ -21,15 +21,43 @@ def _param_spec(model: nn.Module) -> dict[str, list[dict]]:
     return {str(k): [dict(g) for g in v] for k, v in named.items()}
 
 
+OPTIMIZER_KINDS = ("adamw", "adam")
+_SETTING_KEYS = {"optimizer", "plateau"}
+_PLATEAU_KEYS = {"patience", "factor"}
+
+
+def optimizer_settings(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``model.optimizer_settings()`` (optional hook) checked against the optimizer ``names``: per optimizer
+    ``{"optimizer": "adamw" | "adam", "plateau": {"patience": int, "factor": float} | None}``; names the model
+    leaves out get AdamW and the trainer's schedule."""
+    hook = getattr(model, "optimizer_settings", None)
+    settings = {str(k): dict(v) for k, v in (hook() if hook is not None else {}).items()}
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ValueError(f"optimizer_settings() names optimizers {unknown} that optimizer_param_groups() does not "
+                         f"declare ({sorted(names)})")
+    for name, s in settings.items():
+        bad = sorted(set(s) - _SETTING_KEYS) + sorted(set(s.get("plateau") or {}) - _PLATEAU_KEYS)
+        if bad:
+            raise ValueError(f"optimizer_settings()[{name!r}] has unknown keys {bad}")
+        if s.setdefault("optimizer", "adamw") not in OPTIMIZER_KINDS:
+            raise ValueError(f"optimizer_settings()[{name!r}]['optimizer'] must be one of {OPTIMIZER_KINDS}, "
+                             f"got {s['optimizer']!r}")
+    return {name: settings.get(name, {"optimizer": "adamw"}) for name in names}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: Optional[Sequence[dict]] = None,
-                    ) -> torch.optim.Optimizer:
-    """AdamW over ``groups`` (default: the model's single optimizer's groups, ``optimizer_param_groups()``, or all
-    parameters); ``bert_lr`` splits groups. Models with several optimizers go through ``OptimizerSet``."""
+                    kind: Optional[str] = None) -> torch.optim.Optimizer:
+    """AdamW (or Adam: ``kind``, default the model's ``optimizer_settings()``) over ``groups`` (default: the
+    model's single optimizer's groups, ``optimizer_param_groups()``, or all parameters); ``bert_lr`` splits groups.
+    Models with several optimizers go through ``OptimizerSet``."""
     if groups is None:
         named = _param_spec(model)
         if len(named) != 1:
             raise ValueError(f"the model declares {len(named)} optimizers {sorted(named)}: use OptimizerSet")
         (groups,) = named.values()
+        if kind is None:
+            kind = optimizer_settings(model, list(named))[next(iter(named))]["optimizer"]
     groups = [dict(g) for g in groups]
     for g in groups:
         g["params"] = [p for p in g["params"] if p.requires_grad]
@@ -47,16 +75,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: Optional[Sequenc
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon or 1e-8)
+    make = adam if kind == "adam" else adamw
+    return make(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon or 1e-8)
+
+
+def _fusable(params) -> bool:
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
+    return bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+
+
+def adam(params, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (L2 weight decay, as MMCL's official optimizers), fused where torch has it."""
+    return torch.optim.Adam(params, fused=_fusable(params) or None, **kwargs)
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with the fused implementation where torch has one (float parameters on CPU / CUDA):
     the same update rule in one kernel over all tensors — measured 145 → 36 ms per step for HME's 1 045 parameter
     tensors on 2 CPU cores (the default per-tensor loop launches ~10 ops per tensor)."""
-    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
-    fusable = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-    return torch.optim.AdamW(params, fused=fusable or None, **kwargs)
+    return torch.optim.AdamW(params, fused=_fusable(params) or None, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -84,11 +121,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
 
 class OptimizerSet:
     """Every optimizer a model declares (``optimizer_param_groups()``: a list = one, a dict = several by name), each
-    with its own schedule (``build_scheduler``), zeroed, stepped and checkpointed together."""
+    with its own schedule, zeroed, stepped and checkpointed together.
+
+    Schedule per optimizer: the trainer's (``build_scheduler``: warm-up, constant / linear / cosine), or — when the
+    model's ``optimizer_settings()`` gives it ``"plateau": {"patience", "factor"}`` — ``ReduceLROnPlateau`` (mode
+    min) stepped once per epoch by ``plateau_step`` on the validation ``Loss`` (MMCL's official recipe). A plateau
+    optimizer takes no warm-up / decay schedule (both would set the learning rate)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
-        self.optimizers = {name: build_optimizer(model, cfg, groups) for name, groups in _param_spec(model).items()}
-        self.schedulers = {name: build_scheduler(opt, cfg, steps_per_epoch) for name, opt in self.optimizers.items()}
+        spec = _param_spec(model)
+        settings = optimizer_settings(model, list(spec))
+        self.optimizers = {name: build_optimizer(model, cfg, groups, settings[name]["optimizer"])
+                           for name, groups in spec.items()}
+        self.plateaus = {name: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizers[name], mode="min", patience=int(s["plateau"]["patience"]),
+            factor=float(s["plateau"]["factor"])) for name, s in settings.items() if s.get("plateau")}
+        if self.plateaus and (cfg.lr_schedule != "constant" or cfg.warmup_epochs):
+            raise ValueError(f"optimizers {sorted(self.plateaus)} reduce their learning rate on plateau (the model's "
+                             f"optimizer_settings()); lr_schedule {cfg.lr_schedule!r} / warmup_epochs "
+                             f"{cfg.warmup_epochs} cannot apply to them: use lr_schedule constant, no warm-up")
+        self.schedulers = {name: build_scheduler(opt, cfg, steps_per_epoch) for name, opt in self.optimizers.items()
+                           if name not in self.plateaus}
 
     @property
     def main(self) -> torch.optim.Optimizer:
@@ -107,12 +160,23 @@ class OptimizerSet:
         for sched in self.schedulers.values():
             sched.step()
 
+    def plateau_step(self, valid_metrics: Mapping[str, Any]) -> None:
+        """Once per epoch: step the plateau schedulers on the validation ``Loss`` (the model's objective on the
+        valid split, as ``evaluate`` reports it), or ``MAE`` where no loss was computed."""
+        if not self.plateaus:
+            return
+        value = float(valid_metrics["Loss"] if "Loss" in valid_metrics else valid_metrics["MAE"])
+        for sched in self.plateaus.values():
+            sched.step(value)
+
     def last_lr(self) -> float:
-        return next(iter(self.schedulers.values())).get_last_lr()[0]
+        """Learning rate of the first group of the first optimizer (what its scheduler last set)."""
+        return self.main.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "plateaus": {k: s.state_dict() for k, s in self.plateaus.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if set(state["optimizers"]) != set(self.optimizers):
@@ -120,5 +184,8 @@ class OptimizerSet:
                              f"{sorted(self.optimizers)}")
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
-            self.schedulers[k].load_state_dict(state["schedulers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
+        for k, sched in self.plateaus.items():
+            sched.load_state_dict(state["plateaus"][k])
 

@@ -11,7 +11,7 @@ from ...data.missing import ModalityDrop
 from ...data.synthetic import synthetic
 from .model import HME
 from ..registry import build
-from ...nn.text_encoder import TINY_BERT_CONFIG
+from ...nn.text_encoder import BERT_BASE_CONFIG, TINY_BERT_CONFIG
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
@@ -19,13 +19,13 @@ def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, 
           eval_retrieval: str = "in_batch") -> tuple[HME, Batch]:
     """(model, batch): the official configuration for ``dataset`` (MOSI / MOSEI) on word-aligned inputs.
 
-    ``full_bert=False`` uses the 1-layer ``TINY_BERT_CONFIG`` (random weights); ``True`` the official
-    bert-base-uncased, which must be in the local Hugging Face cache. ``missing_rate`` (default: the official one
+    ``full_bert=False`` uses the 1-layer ``TINY_BERT_CONFIG``, ``True`` a BERT of bert-base's shape
+    (``BERT_BASE_CONFIG``), both with random weights (nothing is downloaded). ``missing_rate`` (default: the official one
     of the dataset) drops whole modalities with ``ModalityDrop``. ``eval_retrieval="in_batch"`` (default here) lets an
     eval-mode forward run without a memory bank; ``"bank"`` builds the bank from this batch.
     """
     torch.manual_seed(seed)
-    overrides = {} if full_bert else {"bert": TINY_BERT_CONFIG}
+    overrides = {"bert": dict(BERT_BASE_CONFIG if full_bert else TINY_BERT_CONFIG)}
     model = build("hme", dataset=dataset, eval_retrieval=eval_retrieval, **overrides)
     data = synthetic(dataset, n_train=batch_size, n_valid=0, n_test=0, seed=seed, aligned=True,
                      text_features=False)

@@ -15,10 +15,8 @@ from typing import Any, Optional
 import torch
 
 from ...data.batch import Batch
-from ...nn.text_encoder import TINY_BERT_CONFIG
+from ...nn.text_encoder import BERT_BASE_CONFIG, TINY_BERT_CONFIG
 
-#: BERT-base shape (bert-base-uncased; SIMS' bert-base-chinese differs only in the vocabulary size).
-BERT_BASE_CONFIG: dict[str, Any] = dict(TINY_BERT_CONFIG, vocab_size=30522, num_hidden_layers=12)
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
