@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -205,23 +205,29 @@ def results_row(runs: Iterable[dict[str, float]]) -> dict[str, tuple[float, floa
     return out
 
 
-def write_results_csv(path: str | os.PathLike, model: str, rows: dict[str, tuple[float, float]]) -> None:
-    """Write the ``Model, metric...`` row of ``model`` (cells ``"(mean, std)"``) into ``path``, with the header if new.
+def write_results_csv(path: str | os.PathLike, model: str, rows: dict[str, tuple[float, float]],
+                      info: Mapping[str, str] | None = None) -> None:
+    """Write the ``Model, [info...,] metric...`` row of ``model`` (cells ``"(mean, std)"``) into ``path``, with the
+    header if new.
 
     One row per model, as MMSA's table: other models' rows are kept, a row of the same model is replaced (re-running
-    or resuming a run never duplicates it). An existing file must have the same columns (ValueError otherwise). The
-    file is rewritten through a temporary file + ``os.replace``.
+    or resuming a run never duplicates it). ``info`` adds descriptive columns after ``Model`` (the DG protocol's
+    source, target, text encoder, scales) that are part of a row's identity: a row is replaced only when the model
+    and every info value match. An existing file must have the same columns (ValueError otherwise). The file is
+    rewritten through a temporary file + ``os.replace``.
     """
-    header = ["Model", *rows]
+    info = dict(info or {})
+    header = ["Model", *info, *rows]
+    key = [model, *(str(v) for v in info.values())]
     kept: list[list[str]] = []
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
             found = list(csv.reader(f))
         if found[0] != header:
             raise ValueError(f"{path}: existing columns {found[0]} differ from {header}")
-        kept = [r for r in found[1:] if r and r[0] != model]
+        kept = [r for r in found[1:] if r and r[:len(key)] != key]
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerows([header, *kept, [model, *(f"({m}, {s})" for m, s in rows.values())]])
+        writer.writerows([header, *kept, [*key, *(f"({m}, {s})" for m, s in rows.values())]])
     os.replace(tmp, path)

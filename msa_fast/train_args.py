@@ -43,7 +43,8 @@ def _common_data_args(p: argparse.ArgumentParser, *, for_eval: bool) -> None:
     p.add_argument("--smoke", action="store_true",
                    help=f"check the path works at the smallest sizes: tiny model configuration, synthetic "
                         f"{SMOKE_SIZES['n_train']}/{SMOKE_SIZES['n_valid']}/{SMOKE_SIZES['n_test']} samples, "
-                        f"{SMOKE_EPOCHS} epoch (also MSA_FAST_SMOKE=1)")
+                        f"{SMOKE_EPOCHS} epoch unless --epochs is given (also MSA_FAST_SMOKE=1, which also "
+                        f"drops --epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
 
 
@@ -85,6 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "shard (local: cheaper, a different objective)")
     t.add_argument("--save-predictions", action="store_true",
                    help="write each seed's test predictions (id, label, prediction) as CSV under OUT/results")
+    _dg_args(t)
     t.set_defaults(func=_train_main)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint, or every seed of a run, on a split (MMSA metrics)",
@@ -103,6 +105,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--save-predictions", default=None, metavar="CSV",
                    help="write the predictions (checkpoint, id, label, prediction) to this CSV file")
     e.set_defaults(func=_eval_main)
+
+
+def _dg_args(t: argparse.ArgumentParser) -> None:
+    """The domain-generalisation protocol's flags (msa_fast.train.dg)."""
+    g = t.add_argument_group("domain generalisation (--protocol dg)")
+    g.add_argument("--protocol", default="standard", choices=("standard", "dg"),
+                   help="standard: train / select / test on one dataset (-d); dg: train on --source, select on the "
+                        "sources' validation splits, test once on the unseen --target (-d is then ignored)")
+    g.add_argument("--source", default=None, help="dg: source dataset(s), comma separated, e.g. mosi,mosei")
+    g.add_argument("--target", default=None, help="dg: the unseen target dataset, e.g. sims")
+    g.add_argument("--harmonise", default="projection", choices=("projection", "standardise"),
+                   help="dg: feature harmonisation; projection = a fixed, data-independent map per (dataset, "
+                        "modality) into a shared space (strict DG; default); standardise = z-score each feature "
+                        "with its domain's train inputs first (reads the target's unlabelled inputs)")
+    g.add_argument("--shared-dim", type=int, default=64, help="dg: audio / vision dim of the shared space (64)")
+    g.add_argument("--report-scale", default="native", choices=("native", "normalised"),
+                   help="dg: target metrics in the target's native label scale and metric set (default), or on "
+                        "[-1, 1] with the [-1, 1] (SIMS) metric set; training always uses [-1, 1]")
+    g.add_argument("--length-scale", type=float, default=None,
+                   help="dg with --data synthetic: shrink every synthetic sequence length by this factor in (0, 1] "
+                        "(default 1; 0.2 under --smoke)")
 
 
 def _train_main(args: argparse.Namespace) -> int:

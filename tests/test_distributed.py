@@ -118,3 +118,25 @@ def test_models_that_mix_samples_without_gathering_are_refused_under_several_ran
     with pytest.raises(ValueError, match="does not gather them across ranks"):
         wrap_for_training(Mixer(), DistContext(0, 2))
     assert wrap_for_training(Mixer(), DistContext()).model.w is not None  # one process: fine
+
+
+@pytest.mark.slow
+def test_resume_under_a_different_world_size(tmp_path):
+    """A run checkpointed by 2 ranks resumes on 1 process (and the other way round) into the parameters of an
+    uninterrupted 1-process run: the checkpoint holds no per-rank state and epoch e's batches are f(seed, e).
+    (A constant learning rate lets a finished 1-epoch run be extended to 2: the stand-in for an interruption.)"""
+    constant = ["--set", "lr_schedule=constant", "--set", "warmup_epochs=0"]
+    ref, out_ref = _train(tmp_path / "ref", 1, *constant, epochs=2)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    final = torch.load(out_ref / "checkpoints" / "lnln-mosi-seed1" / "last.pt", weights_only=True)
+    for first, then in ((2, 1), (1, 2)):
+        a, out = _train(tmp_path / f"{first}to{then}", first, *constant, epochs=1)
+        assert a.returncode == 0, a.stderr[-2000:]
+        b = subprocess.run([sys.executable, "-m", "msa_fast", "train", "-m", "lnln", "--smoke", "--seeds", "1",
+                            "--epochs", "2", "--out", str(out), "--quiet", "--nproc", str(then), "--resume",
+                            *constant], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert b.returncode == 0, b.stderr[-2000:]
+        got = torch.load(out / "checkpoints" / "lnln-mosi-seed1" / "last.pt", weights_only=True)
+        assert [h["epoch"] for h in got["history"]] == [1, 2]
+        _assert_same_parameters(final, got)

@@ -43,6 +43,7 @@ class Batch:
     vision_keep_mask: Optional[Tensor] = None  # (B, L_v) bool
     missing_rates: Optional[Tensor] = None  # (B, 3) float drawn erasure rates (text, audio, vision)
     complete: Optional["Batch"] = None  # the same samples before a missing-data protocol was applied
+    domain: Optional[Tensor] = None  # (B,) int64 domain id (DG protocol: sources 0..S-1, unseen target S); None = one
 
     # ---- derived views -------------------------------------------------------------------------
     @property

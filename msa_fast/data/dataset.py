@@ -67,6 +67,8 @@ class MMSADataset(Dataset):
         if use_text_features:
             self.tensors["text_features"] = torch.from_numpy(
                 np.ascontiguousarray(split_dict["text"], dtype=np.float32))
+        if "domain" in split_dict:  # DG protocol: per-sample domain id (msa_fast.data.harmonise)
+            self.tensors["domain"] = torch.as_tensor(np.asarray(split_dict["domain"], dtype=np.int64))
         self.unimodal_keys = [m for m in "TAV" if f"regression_labels_{m}" in split_dict]
         for m in self.unimodal_keys:
             self.tensors[f"labels_{m}"] = torch.from_numpy(
@@ -95,7 +97,7 @@ class MMSADataset(Dataset):
 def _to_batch(t: Mapping[str, Tensor], ids: list[str], raw_text: list[str]) -> Batch:
     unimodal = {m: t[f"labels_{m}"] for m in "TAV" if f"labels_{m}" in t} or None
     return Batch(**{k: t[k] for k in _TENSOR_KEYS}, ids=ids, raw_text=raw_text,
-                 text_features=t.get("text_features"), labels_unimodal=unimodal)
+                 text_features=t.get("text_features"), labels_unimodal=unimodal, domain=t.get("domain"))
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> Batch:

@@ -63,6 +63,7 @@ def synthetic(
     aligned: bool = False,
     text_features: Optional[bool] = None,
     neg_inf_rate: float = 0.0,
+    shared_text_space: bool = False,
 ) -> dict:
     """An MMSA-layout dataset dict (see the module docstring for the formula).
 
@@ -74,6 +75,9 @@ def synthetic(
         text_features: include the ``text`` key (N, L_t, 768) float32. None = include unless the three splits
             together need more than 1 GiB (full-size MOSEI: 3.5 GB), to stay memory-aware.
         neg_inf_rate: fraction of valid audio entries set to -inf, as COVAREP files contain (loaders zero them).
+        shared_text_space: draw the text-feature direction u_t from a dataset-independent stream, so every dataset's
+            text features share one sentiment direction (as one BERT gives; the DG domains of
+            ``msa_fast.data.domains`` use it). Default: a per-dataset direction, as before.
     """
     spec = get_dataset_spec(dataset)
     if aligned and not spec.aligned_available:
@@ -91,7 +95,8 @@ def synthetic(
     root = np.random.SeedSequence([int(seed), sum(map(ord, spec.name))])
     split_seeds = root.spawn(3)
     return {
-        name: _make_split(spec, int(n), np.random.default_rng(ss), name, aligned, text_features, neg_inf_rate)
+        name: _make_split(spec, int(n), np.random.default_rng(ss), name, aligned, text_features, neg_inf_rate,
+                          shared_text_space)
         for (name, n), ss in zip(sizes.items(), split_seeds)
     }
 
@@ -135,12 +140,14 @@ def _frames(rng, n, max_len, dim, lengths, latent, offset, direction, neg_inf_ra
     return out
 
 
-def _make_split(spec, n, rng, split, aligned, with_text, neg_inf_rate) -> dict:
+def _make_split(spec, n, rng, split, aligned, with_text, neg_inf_rate, shared_text_space=False) -> dict:
     lt, la, lv = spec.seq_lens(aligned=False)
     # fixed per-dataset "feature statistics" (same for every split of a seed: drawn from a split-independent stream)
     const = np.random.default_rng(sum(map(ord, spec.name)) + 7)
     dirs = {m: _unit(const, d) for m, d in (("text", spec.text_dim), ("audio", spec.audio_dim),
                                              ("vision", spec.vision_dim))}
+    if shared_text_space:
+        dirs["text"] = _unit(np.random.default_rng(7), spec.text_dim)
     offsets = {"audio": (0.5 * const.standard_normal(spec.audio_dim)).astype(np.float32),
                "vision": (0.5 * const.standard_normal(spec.vision_dim)).astype(np.float32)}
 

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
+import sys
 from pathlib import Path
 
-
 from ..metrics import results_row
-from ..train_args import SMOKE_SIZES, smoke_requested
+from ..train_args import SMOKE_EPOCHS, SMOKE_SIZES, smoke_requested
 from .config import parse_overrides
 from .data import _synthetic_sizes, write_predictions
+from .dist import leave_process_group
 from .run import evaluate_checkpoint, find_checkpoints, run
 
 
@@ -48,15 +49,45 @@ def main_train(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return launch_with_torchrun(args)
     config = parse_overrides(args.overrides)
+    if os.environ.get("MSA_FAST_SMOKE") == "1" and not args.smoke and args.epochs is not None:
+        # the environment asks every command to only check its path (tests/test_readme.py): say what it drops
+        print(f"MSA_FAST_SMOKE=1: --epochs {args.epochs} → {SMOKE_EPOCHS} (path check only)", file=sys.stderr)
+        args.epochs = None
     if getattr(args, "cross_sample", None):
         config["cross_sample"] = args.cross_sample
-    run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
-        missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, device=args.device, out_dir=args.out, key_eval=args.key_eval, early_stop=args.early_stop,
-        resume=args.resume, quiet=args.quiet, synthetic_seed=args.synthetic_seed or 0, n_train=args.n_train,
-        n_valid=args.n_valid, n_test=args.n_test, select_on=args.select_on, trust_pickle=args.trust_pickle,
-        allow_label_range=args.allow_label_range, save_predictions=args.save_predictions,
-        smoke=smoke_requested(args))
+    if getattr(args, "protocol", "standard") == "dg" or getattr(args, "source", None) or getattr(args, "target", None):
+        return _main_train_dg(args, config)
+    try:
+        run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
+            missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, device=args.device, out_dir=args.out, key_eval=args.key_eval, early_stop=args.early_stop,
+            resume=args.resume, quiet=args.quiet, synthetic_seed=args.synthetic_seed or 0, n_train=args.n_train,
+            n_valid=args.n_valid, n_test=args.n_test, select_on=args.select_on, trust_pickle=args.trust_pickle,
+            allow_label_range=args.allow_label_range, save_predictions=args.save_predictions,
+            smoke=smoke_requested(args))
+    finally:
+        leave_process_group()
+    return 0
+
+
+def _main_train_dg(args: argparse.Namespace, config: dict) -> int:
+    """``msa-fast train --protocol dg``: msa_fast.train.dg.run_dg."""
+    from .dg import run_dg
+
+    if args.protocol != "dg":
+        raise ValueError("--source / --target belong to the domain-generalisation protocol: add --protocol dg")
+    for flag, value in (("--missing", args.missing), ("--missing-train", args.missing_train),
+                        ("--save-predictions", args.save_predictions or None),
+                        ("--select-on test_per_metric", None if args.select_on == "valid" else args.select_on)):
+        if value is not None:
+            raise ValueError(f"{flag} is not available with --protocol dg")
+    run_dg(args.model, args.source, args.target, data=args.data, config_file=args.config, config=config,
+           seeds=args.seeds, harmonise=args.harmonise, shared_dim=args.shared_dim, report_scale=args.report_scale,
+           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, out_dir=args.out,
+           key_eval=args.key_eval, early_stop=args.early_stop, resume=args.resume, quiet=args.quiet,
+           synthetic_seed=args.synthetic_seed or 0, n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test,
+           length_scale=args.length_scale, trust_pickle=args.trust_pickle, allow_label_range=args.allow_label_range,
+           smoke=smoke_requested(args))
     return 0
 
 

@@ -95,6 +95,13 @@ def init_from_env(device: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIM
     return DistContext.current()
 
 
+def leave_process_group() -> None:
+    """Destroy the process group this process joined (``init_from_env``) before the interpreter exits: a gloo group
+    left to the exit-time destructors can abort the process ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank_device(device: str, ctx: DistContext) -> str:
     """``cuda`` under several ranks means this rank's GPU (``cuda:LOCAL_RANK``)."""
     if ctx.active and device in ("cuda", "auto") and torch.cuda.is_available():

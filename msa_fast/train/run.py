@@ -45,7 +45,8 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
     Before any epoch: arguments, the output folder and the data are checked (``check_data``), each problem one line.
     While it runs the run owns ``out_dir`` (``RunLock``: a second run into it is refused) and logs to
     ``<out_dir>/logs/<run>.log``. The results CSV holds one row per model (a re-run replaces its row).
-    ``smoke``: the model's tiny configuration, synthetic ``SMOKE_SIZES`` and ``SMOKE_EPOCHS`` epoch(s).
+    ``smoke``: the model's tiny configuration, synthetic ``SMOKE_SIZES`` and ``SMOKE_EPOCHS`` epoch(s) unless
+    ``epochs`` is given.
 
     Returns ``{"per_seed": [test metrics per seed], "row": {metric: (mean·100, std·100)}, "csv": path, "runs":
     [fit results]}``.
@@ -63,7 +64,7 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
     sizes = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
     if smoke:
         overrides = {**smoke_model_overrides(model_name), **overrides}
-        epochs = SMOKE_EPOCHS
+        epochs = SMOKE_EPOCHS if epochs is None else epochs  # an explicit epoch count wins
         sizes = _synthetic_sizes(sizes, SMOKE_SIZES)
     model_over, train_over = _split_overrides(model_name, dataset_name, overrides)
     model_config = get_config(model_name, dataset_name, **model_over)
@@ -132,7 +133,8 @@ def run(model_name: str, dataset_name: str = "mosi", config_file: Optional[str] 
         if not ctx.is_main:  # one writer of the results
             return {"per_seed": per_seed, "row": row, "csv": str(csv_path), "runs": runs}
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        write_results_csv(csv_path, model_name, row)
+        provenance = getattr(get_model_class(model_name), "provenance", "")  # e.g. MIDG: a reconstruction
+        write_results_csv(csv_path, model_name + (f" ({provenance})" if provenance else ""), row)
         detail = {"model": model_name, "dataset": dataset_name, "seeds": list(map(int, seeds)),
                   "missing": None if schedule is None else schedule.describe(), "data_source": source,
                   "per_seed": per_seed, "row": {k: list(v) for k, v in row.items()}, "runs": runs,
