@@ -16,8 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import time
+
 import torch
 from torch import Tensor
+
+#: Seconds this process spent in the collectives of this module (read by ``msa-fast bench scaling``).
+comm_seconds = [0.0]
 
 
 def world() -> tuple[int, int]:
@@ -64,7 +69,9 @@ class BatchScope:
         padded = x[:n_real]
         if n_real < width:  # all_gather needs one shape on every rank
             padded = torch.cat([padded, padded.new_zeros((width - n_real, *x.shape[1:]))])
+        start = time.perf_counter()
         parts = all_gather(padded.contiguous())
+        comm_seconds[0] += time.perf_counter() - start
         rows = torch.cat([p[:s] for p, s in zip(parts, self.sizes)])
         return rows, slice(self.offset, self.offset + n_real)
 
@@ -77,7 +84,9 @@ def gather_rows_no_grad(x: Tensor, sizes: Sequence[int]) -> Tensor:
     width = max(sizes)
     padded = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))]) if x.shape[0] < width else x
     parts = [torch.empty_like(padded) for _ in range(world_size)]
+    start = time.perf_counter()
     torch.distributed.all_gather(parts, padded.contiguous())
+    comm_seconds[0] += time.perf_counter() - start
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 

@@ -31,6 +31,7 @@ COMMAND_PATHS = [
     ("bench", "ops"),
     ("bench", "retrieval"),
     ("bench", "models"),
+    ("bench", "scaling"),
     pytest.param(("train",), marks=_NO_TRAIN_ARGS),
     pytest.param(("eval",), marks=_NO_TRAIN_ARGS),
     ("models",),

@@ -1,4 +1,4 @@
-"""msa-fast bench {ops,retrieval,models}: micro-benchmarks with ratios against the PyTorch reference.
+"""msa-fast bench {ops,retrieval,models,scaling}: micro-benchmarks with ratios against the PyTorch reference.
 
 Each suite lives in its own module (``ops.py``, ``retrieval.py``, ``models.py``) exposing
 ``add_arguments(parser)`` and ``main(args) -> int`` (rows printed as a table); the same setup factories
@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = ("ops", "retrieval", "models")
+SUITES = ("ops", "retrieval", "models", "scaling")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..cli import doc_description, first_paragraph
 
-    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models)",
+    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models | scaling)",
                        description="Micro-benchmarks of msa_fast against the PyTorch reference: the fused ops "
                                    "(ops), memory-bank search and partner / in-batch retrieval (retrieval), and "
-                                   "whole models, forward and training step (models). Timings on a shared machine "
+                                   "whole models, forward and training step (models), data-parallel training on 1 vs N processes (scaling). Timings on a shared machine "
                                    "are noisy: compare ratios.")
     suites = p.add_subparsers(dest="suite", metavar="SUITE", title="suites")
     suites.required = True
