@@ -5,8 +5,8 @@ work over the train split (DashFusion's partner pools, HME's memory bank) call t
 single process, so a model has one code path.
 
 - ``BatchScope``: how this rank's rows relate to the global batch of the step (set by the trainer on the model for
-  each training step). ``gather(x)`` all-gathers the rows of every rank **with gradient**
-  (``torch.distributed.nn.functional.all_gather``: its backward sends each rank the gradient of its own rows), so an
+  each training step). ``gather(x)`` all-gathers the rows of every rank **with gradient** (its backward sends each
+  rank the sum over ranks of the gradient of its own rows), so an
   objective over the global batch back-propagates into every rank's encoder exactly as in one process.
 - ``encode_batches_sharded``: the batches of a pass over ``n`` rows are dealt to the ranks, the results all-gathered
   (no gradient) into the same ``(n, ...)`` tensors on every rank: the single-process pass, 1/world per rank.
@@ -62,18 +62,36 @@ class BatchScope:
         Rows beyond ``sizes[rank]`` (a stand-in shard) are not gathered. Identity when not ``active``."""
         if not self.active:
             return x, slice(0, x.shape[0])
-        from torch.distributed.nn.functional import all_gather
-
         n_real = self.sizes[self.rank]
         width = max(self.sizes)
         padded = x[:n_real]
         if n_real < width:  # all_gather needs one shape on every rank
             padded = torch.cat([padded, padded.new_zeros((width - n_real, *x.shape[1:]))])
-        start = time.perf_counter()
-        parts = all_gather(padded.contiguous())
-        comm_seconds[0] += time.perf_counter() - start
-        rows = torch.cat([p[:s] for p, s in zip(parts, self.sizes)])
+        parts = _AllGatherRows.apply(padded.contiguous(), self.rank, len(self.sizes))  # (world, width, ...)
+        rows = torch.cat([parts[r, :s] for r, s in enumerate(self.sizes)])
         return rows, slice(self.offset, self.offset + n_real)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """all_gather with a backward: rank r's gradient is the sum over ranks of the gradient w.r.t. its block
+    (an all-reduce of the stacked gradient, then r's block: every backend has all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world_size: int) -> Tensor:  # type: ignore[override]
+        ctx.rank = rank
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        start = time.perf_counter()
+        torch.distributed.all_gather(parts, x)
+        comm_seconds[0] += time.perf_counter() - start
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        start = time.perf_counter()
+        torch.distributed.all_reduce(grad)
+        comm_seconds[0] += time.perf_counter() - start
+        return grad[ctx.rank], None, None
 
 
 def gather_rows_no_grad(x: Tensor, sizes: Sequence[int]) -> Tensor:
