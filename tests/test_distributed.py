@@ -70,16 +70,18 @@ DETERMINISTIC = {
     "hme": ["attn_dropout=0", "relu_dropout=0", "res_dropout=0", "embed_dropout=0", "gate_dropout=0", "dropout=0",
             "final_dropout=0", "vib_sample_in_training=false"],
     "dashfusion": ["encoder_dropout=0", "input_dropout=0", "fusion_dropout=0", "contrastive_weight=0.2"],
+    "midg": ["adapter_dropout=0", "dropout=0"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["hme", "dashfusion"])
+@pytest.mark.parametrize("model", ["hme", "dashfusion", "midg"])
 def test_cross_sample_models_match_one_process_on_two_ranks(tmp_path, model):
     """HME's in-batch retrieval gathers the global batch with gradient, DashFusion's partners are drawn per anchor
     and its pools come from the sharded-and-gathered train pass: 2 ranks train the 1-process parameters. The batch
     size 7 leaves the last global batch uneven, and the batch of 1 (37 = 5·7 + 2 → shards 1/1) ... exercised by the
-    sampler test; here 2 epochs cover DashFusion's pool rebuild (epoch 1) and reuse (epoch 2)."""
+    sampler test; here 2 epochs cover DashFusion's pool rebuild (epoch 1) and reuse (epoch 2). MIDG (no cross-sample
+    term) checks the expert-mixture model trains the same way too."""
     extra = ["--batch-size", "7"] + [x for kv in DETERMINISTIC[model] for x in ("--set", kv)]
     one, out1 = _train(tmp_path, 1, *extra, model=model)
     two, out2 = _train(tmp_path, 2, *extra, model=model)
@@ -140,3 +142,11 @@ def test_resume_under_a_different_world_size(tmp_path):
         got = torch.load(out / "checkpoints" / "lnln-mosi-seed1" / "last.pt", weights_only=True)
         assert [h["epoch"] for h in got["history"]] == [1, 2]
         _assert_same_parameters(final, got)
+
+
+@pytest.mark.slow
+def test_mmcl_is_refused_under_several_ranks(tmp_path):
+    """MMCL's replay buffer and carried state are per process: several ranks would be another algorithm."""
+    proc, _ = _train(tmp_path, 2, model="mmcl", epochs=1)
+    assert proc.returncode == 2
+    assert "does not gather them across ranks" in proc.stderr and "2 of 2 ranks failed" in proc.stderr

@@ -47,7 +47,8 @@ class MIDG(MSAModel):
     sample's domain id (None = one domain).
 
     ``forward(batch) -> dict``: ``M`` (B,), ``pooled`` (B, d), ``tokens`` (B, L_t+L_a+L_v, d), ``text`` (B, L_t,
-    d_text) adapted text states, ``domain_logits`` (B, num_domains), ``load_balance`` scalar, ``gates.{i}`` (N_i, E)
+    d_text) adapted text states, ``domain_logits`` (B, num_domains; ``invariance="dann"`` with ≥ 2 source domains),
+    ``load_balance`` scalar, ``gates.{i}`` (N_i, E)
     router probabilities of layer i's valid tokens.
     """
 
@@ -124,7 +125,9 @@ class MIDG(MSAModel):
             for _ in range(c["moie_depth"]))
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(c["dropout"]), nn.Linear(d, 1))
         self.grl = GradientReversalLayer(c["grl_alpha"])
-        self.domain_classifier = domain_classifier(d, c["domain_hidden"], nd)
+        # only built when its loss exists: a parameter without gradient in every step would stall DDP's reducer
+        self.domain_classifier = (domain_classifier(d, c["domain_hidden"], nd)
+                                  if c["invariance"] == "dann" and nd > 1 else None)
 
     @staticmethod
     def _validate_config(c: Mapping[str, Any]) -> None:
@@ -169,8 +172,9 @@ class MIDG(MSAModel):
             balance = balance + aux["load_balance"]
             out[f"gates.{i}"] = aux["gates"]
         pooled = modality_mean(tokens, masks, spans)
-        out.update({"M": self.head(pooled)[:, 0], "pooled": pooled, "tokens": tokens, "load_balance": balance,
-                    "domain_logits": self.domain_classifier(self.grl(pooled))})
+        out.update({"M": self.head(pooled)[:, 0], "pooled": pooled, "tokens": tokens, "load_balance": balance})
+        if self.domain_classifier is not None:
+            out["domain_logits"] = self.domain_classifier(self.grl(pooled))
         return out
 
     def _check_batch(self, batch: Batch) -> None:
@@ -191,7 +195,7 @@ class MIDG(MSAModel):
         labels = batch.labels.to(pred.dtype)
         l_task = task_loss(pred, labels, c["task_loss"])
         kind, nd = c["invariance"], self.num_domains
-        if kind == "dann":
+        if kind == "dann" and self.domain_classifier is not None:
             l_inv = dann_loss(outputs["domain_logits"], batch.domain, nd)
         elif kind == "vrex":
             l_inv = vrex_penalty(pred, labels, batch.domain, nd, c["task_loss"])
