@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (msa-fast train --nproc relaunches it)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (msa-fast models | head): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as err:
         # Bad input gets one clear line, not a traceback (set MSA_FAST_DEBUG=1 for the traceback).
         import os

@@ -122,6 +122,20 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
             raise TypeError(f"{cls.__name__} has no benchmark factory ({package}/bench.py with setup(...))") from None
         return factory.setup(batch_size=batch_size, dataset=dataset, full_bert=full_bert, seed=seed, device=device)
 
+    def check_batch_inputs(self, batch: Batch, has_text_encoder: bool) -> None:
+        """The checks every model makes before computing: ``batch`` is a ``Batch``, audio / vision are (B, L, D)
+        with the configured ``audio_dim`` / ``vision_dim``, and precomputed text features are present when the
+        model has no text encoder. Each failure is one error naming the field and what was expected."""
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batch must be a msa_fast Batch, got {type(batch).__name__}")
+        c = self.config
+        for name, x, dim in (("audio", batch.audio, c["audio_dim"]), ("vision", batch.vision, c["vision_dim"])):
+            if x.dim() != 3 or x.shape[-1] != dim:
+                raise ValueError(f"batch.{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+        if not has_text_encoder and batch.text_features is None:
+            raise ValueError("use_text_features=True but batch.text_features is None (the pickle has no 'text' "
+                             "key: set use_text_features=false to run BERT on text_bert)")
+
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} has no official state_dict mapping")
 

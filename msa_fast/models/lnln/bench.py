@@ -15,26 +15,15 @@ from typing import Any, Optional
 import torch
 
 from ...data.batch import Batch
-from ...nn.text_encoder import BERT_BASE_CONFIG, TINY_BERT_CONFIG
+from ..bench_factory import model_and_batch
 
 
 
 def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
           device: Optional[torch.device | str] = None, **overrides: Any) -> tuple[torch.nn.Module, Batch]:
-    from ...data.dataset import MMSADataset
     from ...data.missing import TokenErasure
-    from ...data.synthetic import synthetic
-    from ..registry import build
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    torch.manual_seed(seed)
-    overrides.setdefault("bert", dict(BERT_BASE_CONFIG if full_bert else TINY_BERT_CONFIG))
-    model = build("lnln", dataset=dataset, **overrides)
-    model.train()
-    data = synthetic(dataset, n_train=batch_size, n_valid=0, n_test=0, seed=seed,
-                     text_features=bool(overrides.get("use_text_features", False)))
-    complete = MMSADataset(data["train"], split="train")[list(range(batch_size))]
+    model, complete = model_and_batch("lnln", batch_size, dataset, full_bert, seed, **overrides)
     batch = TokenErasure(seed=seed)(complete, epoch=0, split="train")
     if device is not None:
         model, batch = model.to(device), batch.to(device)

@@ -304,14 +304,7 @@ class LNLN(MSAModel):
                               _rows(view.text_segment_ids, rows))
 
     def _check_batch(self, batch: Batch) -> None:
-        c = self.config
-        if not isinstance(batch, Batch):
-            raise TypeError(f"batch must be a msa_fast Batch, got {type(batch).__name__}")
-        for name, x, dim in (("audio", batch.audio, c["audio_dim"]), ("vision", batch.vision, c["vision_dim"])):
-            if x.dim() != 3 or x.shape[-1] != dim:
-                raise ValueError(f"batch.{name} must be (B, L, {dim}), got {tuple(x.shape)}")
-        if self.bertmodel is None and batch.text_features is None:
-            raise ValueError("use_text_features=True but batch.text_features is None")
+        self.check_batch_inputs(batch, has_text_encoder=self.bertmodel is not None)
         if batch.complete is not None:
             cb = batch.complete
             for name in ("text_ids", "audio", "vision"):

@@ -136,16 +136,8 @@ class MMCL(MSAModel):
     # ---- inputs ----------------------------------------------------------------------------------------------
     def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """text (B, L_t, D_t), audio (B, L_t, D_a), vision (B, L_t, D_v): one shared length (``alignment``)."""
-        c = self.config
-        if not isinstance(batch, Batch):
-            raise TypeError(f"batch must be a msa_fast Batch, got {type(batch).__name__}")
-        for name, x, dim in (("audio", batch.audio, c["audio_dim"]), ("vision", batch.vision, c["vision_dim"])):
-            if x.dim() != 3 or x.shape[-1] != dim:
-                raise ValueError(f"batch.{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+        self.check_batch_inputs(batch, has_text_encoder=self.bertmodel is not None)
         if self.bertmodel is None:
-            if batch.text_features is None:
-                raise ValueError("use_text_features=True but batch.text_features is None (the pickle has no 'text' "
-                                 "key: set use_text_features=false to run BERT on text_bert)")
             text = batch.text_features
         else:
             text = self.bertmodel(input_ids=batch.text_ids, attention_mask=batch.text_attention_mask,
