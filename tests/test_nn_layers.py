@@ -108,3 +108,16 @@ def test_layer_errors():
         BottleneckFusionLevel(16, 2, norm="pre")
     with pytest.raises(ValueError, match="sources must have 2 entries"):
         MultiSourceAttention(16, 2, 2)(torch.randn(1, 2, 16), [(torch.randn(1, 3, 16), None)])
+
+
+def test_bert_from_a_config_uses_the_pretrained_attention_implementation():
+    """A BERT built from a dict (tests, benchmarks) must cost what a pretrained one costs: transformers' default
+    attention (SDPA), not a forced eager path; an explicit choice is kept."""
+    from transformers import BertConfig, BertModel
+
+    from msa_fast.nn.text_encoder import TINY_BERT_CONFIG, build_bert
+
+    default = BertModel(BertConfig(**TINY_BERT_CONFIG)).config._attn_implementation
+    assert build_bert(TINY_BERT_CONFIG).config._attn_implementation == default == "sdpa"
+    eager = dict(TINY_BERT_CONFIG, attn_implementation="eager")
+    assert build_bert(eager).config._attn_implementation == "eager"

@@ -24,9 +24,9 @@ def build_bert(spec: BertSpec, add_pooling_layer: bool = True) -> nn.Module:
     if isinstance(spec, BertConfig):
         config = spec
     elif isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kwargs.setdefault("attn_implementation", "eager")
-        config = BertConfig(**kwargs)
+        # no forced attention implementation: transformers picks the one it picks for a pretrained model (SDPA),
+        # so a BERT built from a config costs what the real one costs; pass attn_implementation to choose
+        config = BertConfig(**dict(spec))
     elif isinstance(spec, (str, os.PathLike)):
         try:
             return BertModel.from_pretrained(str(spec), local_files_only=True, add_pooling_layer=add_pooling_layer)
