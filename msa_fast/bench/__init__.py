@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         sp = suites.add_parser(name, help=first_paragraph(mod.__doc__, name), description=doc_description(mod.__doc__),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
+        add_output_arguments(sp)
         sp.add_argument("--smoke", action="store_true",
                         help="smallest sizes and one repetition, only to check the suite runs (also MSA_FAST_SMOKE=1)")
         sp.set_defaults(func=_suite_main, suite_module=mod.__name__)
@@ -44,6 +45,8 @@ def _suite_main(args: argparse.Namespace) -> int:
     from ..cli import smoke_requested
 
     mod = importlib.import_module(args.suite_module)
+    if getattr(args, "plot", None):
+        require_matplotlib()  # fail before the benchmark runs, not after
     if smoke_requested(args):
         for name, value in getattr(mod, "SMOKE", {}).items():
             setattr(args, name, value)
@@ -66,3 +69,178 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+# ------------------------------------------------------------------------------------------------ shared output
+#: Columns whose numeric values are speed-ups (> 1: the fused / msa_fast path is faster): ``a/b`` ratios and these.
+SPEEDUP_COLUMNS = ("speedup",)
+#: Columns never used as row labels in the plot (long free text).
+_UNLABELLED = ("note", "error")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json FILE`` / ``--csv FILE`` / ``--plot FILE.png`` of every suite (written by :func:`write_outputs`)."""
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the rows and the machine info (CPU, cores, threads, load, versions) as JSON")
+    parser.add_argument("--csv", default=None, metavar="FILE", help="also write the rows as CSV")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also draw a speed-up bar chart per op / model from the ratio columns "
+                             "(needs matplotlib: pip install matplotlib, or the 'plot' extra)")
+
+
+def machine_info() -> dict:
+    """CPU model, cores, threads, load average, library versions, date and argv (for result files)."""
+    import datetime
+    import os
+    import platform
+    import sys
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": list(sys.argv), "host": platform.node(), "platform": platform.platform(),
+            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
+    versions = {}
+    for name in ("torch", "triton", "faiss", "numpy", "msa_fast"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - absent or broken optional library: recorded as None
+                mod = None
+        versions[name] = getattr(mod, "__version__", None) if mod is not None else None
+    info["versions"] = versions
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def write_outputs(args: argparse.Namespace, rows: list[dict], **extra) -> None:
+    """Write ``rows`` where ``--json`` / ``--csv`` / ``--plot`` ask (no-op without them); ``extra`` goes into the
+    JSON next to ``rows`` and ``machine`` (e.g. other tables)."""
+    suite = getattr(args, "suite", None)
+    if getattr(args, "json", None):
+        import json
+
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "suite_module")
+                    and isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+        command = ["msa-fast", *args.argv] if isinstance(getattr(args, "argv", None), list) else None
+        with open(args.json, "w") as f:
+            json.dump({"suite": suite, "command": command, "machine": machine_info(), "settings": settings,
+                       "rows": rows, **extra}, f, indent=1, default=str)
+    if getattr(args, "csv", None):
+        write_csv(rows, args.csv)
+    if getattr(args, "plot", None):
+        plot_speedups(rows, args.plot, title=f"msa-fast bench {suite}" if suite else None)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    import csv
+
+    cols: list[str] = []
+    for r in rows:  # union of the keys, first-seen order (suites may mix row shapes)
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def speedup_columns(rows: list[dict]) -> list[str]:
+    """The ratio columns of ``rows``: names with ``/`` (``eager/cpp``) or in SPEEDUP_COLUMNS, with a number
+    somewhere."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and ("/" in k or k in SPEEDUP_COLUMNS)]
+    return [c for c in cols if any(_is_number(r.get(c)) for r in rows)]
+
+
+PLOT_MISSING = "--plot needs matplotlib: pip install matplotlib (or the 'plot' extra: pip install 'msa_fast[plot]')"
+
+
+def require_matplotlib() -> None:
+    """SystemExit naming ``pip install matplotlib`` / the ``plot`` extra when matplotlib is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(PLOT_MISSING)
+
+
+def plot_speedups(rows: list[dict], path: str, title: str | None = None) -> list[str]:
+    """One horizontal grouped bar chart per op / model (the rows' first column) of the ratio columns, a
+    line at 1 (``a/b`` > 1: b is faster; ``speedup`` > 1: the row's method is faster). → the ratio columns drawn.
+    matplotlib is imported here only (optional extra ``plot``)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = speedup_columns(rows)
+    if not rows or not ratios:
+        raise SystemExit(f"--plot: no speed-up / ratio column in these rows ({', '.join(rows[0]) if rows else '-'})")
+    key = next(iter(rows[0]))
+    groups: dict = {}
+    for r in rows:
+        if any(_is_number(r.get(c)) for c in ratios):
+            groups.setdefault(r.get(key), []).append(r)
+    label_cols = [k for k in rows[0] if k != key and k not in ratios and k not in _UNLABELLED
+                  and not any(isinstance(r.get(k), float) for r in rows)]
+
+    def label(r):
+        parts = []
+        for k in label_cols:
+            v = r.get(k)
+            if v in (None, ""):
+                continue
+            parts.append(f"{k}={v}" if _is_number(v) or isinstance(v, bool) else str(v))
+        return " ".join(parts)
+
+    panels = []  # (name, rows, ratio columns with a number in these rows, height in inches)
+    for name, g in groups.items():
+        cols = [c for c in ratios if any(_is_number(r.get(c)) for r in g)]
+        panels.append((name, g, cols, 1.3 + 0.15 * len(g) * len(cols)))
+    ncols = 2 if len(panels) > 1 else 1
+    columns: list[list] = [[] for _ in range(ncols)]
+    for panel in sorted(panels, key=lambda p: -p[3]):  # tallest first, into the shorter column
+        min(columns, key=lambda c: sum(p[3] for p in c)).append(panel)
+    for column in columns:
+        column.sort(key=lambda p: list(groups).index(p[0]))
+    fig = plt.figure(figsize=(7.5 * ncols, max(sum(p[3] for p in c) for c in columns) + 0.6), layout="constrained")
+    subfigs = fig.subfigures(1, ncols, squeeze=False)[0] if ncols > 1 else [fig]
+    for sf, column in zip(subfigs, columns):
+        axes = sf.subplots(len(column), 1, squeeze=False, gridspec_kw={"height_ratios": [p[3] for p in column]})
+        for ax, (name, g, cols, _) in zip(axes[:, 0], column):
+            bar = 0.8 / len(cols)
+            for j, c in enumerate(cols):
+                ys = [i + (j - (len(cols) - 1) / 2) * bar for i in range(len(g))]
+                ax.barh(ys, [r.get(c) if _is_number(r.get(c)) else 0.0 for r in g], height=bar, label=c)
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_yticks(range(len(g)), [label(r) for r in g], fontsize=7)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"{key} = {name}", fontsize=9)
+            ax.legend(fontsize=6, loc="best")
+        axes[-1, 0].set_xlabel("speed-up (a/b > 1: b faster; speedup > 1: this row faster)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return ratios

@@ -73,7 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda (cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each case")
     p.add_argument("--in-process", action="store_true", help="no subprocess per case (no memory columns)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def available_models(names) -> dict[str, Any]:
@@ -270,14 +269,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import format_table
+    from . import format_table, write_outputs
 
     rows = run(args)
     print(format_table(rows))
     print(f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto; "
           "memory = per-case subprocess ru_maxrss)" if not args.in_process else
           f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_outputs(args, rows)  # --json / --csv / --plot (shared: msa_fast.bench.write_outputs)
     return 0

@@ -1,19 +1,27 @@
-"""Fused ops vs the eager composition the official code uses vs torch SDPA (MSA shapes, forward / forward+backward).
+"""Fused ops vs the official eager composition, torch SDPA and backend="auto" (MSA shapes, forward / forward+backward).
 
 ``msa-fast bench ops`` (tiny shapes; ``--full`` or env MSA_FAST_BENCH_FULL=1 for MOSI: B=32, H=8, text 50, audio
-376, vision 501, D = 16 / 32, bottleneck K = 8 / 4). Providers:
+376, vision 501, head dim D = 16 / 32 / 64, bottleneck K = 8 / 4). ``attention``, ``multi_source`` and
+``bottleneck`` run with ragged padding masks (masked = True: the C++ kernel skips padded key tiles) and without
+(masked = False: what DashFusion's temporal alignment, LNLN's hyper-modality layer and Multi_CA call). Providers:
 - ``eager``: matmul → masked_fill → softmax → matmul per source (the official modules; ``bottleneck``: one call per
   modality, ``multi_source``: one call per source, summed);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` per source with a boolean mask;
 - ``cpp``: msa_fast's C++/OpenMP backend (one call for all sources / modalities);
+- ``auto``: the op with ``backend="auto"``, i.e. what the models actually run (on CPU the C++ kernel or, where
+  measured faster, torch SDPA: see ``msa_fast.ops.attention``);
 - on CUDA: ``triton`` (msa_fast kernels) with ``triton.testing.do_bench``.
 ``expert_mixture`` (dense gated mixture of E expert FFNs d → h → d, GELU; full: B=16 x 150 tokens, d=128, h=512,
 E=4): ``eager`` = the Python loop over experts (``testing.reference.expert_mixture_ref``), ``bmm`` = one batched
-composition (torch.baddbmm over the expert stack → gelu → torch.baddbmm → gate-weighted sum), ``cpp`` / ``triton``.
+composition (torch.baddbmm over the expert stack → gelu → torch.baddbmm → gate-weighted sum), ``cpp``, ``auto`` /
+``triton``.
 
-Columns: median ms over ``--repeat`` runs, ratios ``eager/cpp`` and ``sdpa/cpp`` (> 1: cpp faster), optional
-peak extra memory (``--memory``: RSS growth of one run in a fresh process) and a roofline estimate (FLOPs, bytes
-moved by a fused kernel vs the eager composition, and the H100 lower bound) to judge GPU numbers.
+Timing: the providers of a case run interleaved, one call each per repetition (round robin, the starting provider
+rotating from one repetition to the next), so that outside load hits them alike. Columns: median ms per provider
+over ``--repeat`` repetitions, paired ratios ``eager/cpp``, ``sdpa/cpp``, ``eager/auto``, ``sdpa/auto`` (the median
+over repetitions of the ratio of the two calls of the same repetition; > 1: cpp / auto faster), the minimum ms per
+provider, optional peak extra memory (``--memory``: RSS growth of one run in a fresh process) and a roofline estimate
+(FLOPs, bytes moved by a fused kernel vs the eager composition, and the H100 lower bound) to judge GPU numbers.
 """
 from __future__ import annotations
 
@@ -31,6 +39,16 @@ if TYPE_CHECKING:  # torch is imported inside the functions: ``msa-fast bench op
 #: The ops ``--op`` can select (every case of ``_cases`` uses one of them).
 OPS = ("attention", "multi_source", "bottleneck", "masked_mean", "self_attention_dropout", "dropout",
        "expert_mixture")
+#: CPU providers of each op, in column order (``make_case`` adds "triton"; benchmarks/bench_ops.py builds its
+#: parameter list from this table, tests/test_bench_output.py checks it against ``make_case``).
+PROVIDERS = {op: ("eager", "sdpa", "cpp", "auto") for op in ("attention", "multi_source", "bottleneck",
+                                                              "self_attention_dropout")}
+PROVIDERS.update(masked_mean=("eager", "cpp", "auto"), dropout=("eager", "cpp", "auto"),
+                 expert_mixture=("eager", "bmm", "cpp", "auto"))
+#: Ops whose cases come with and without padding masks (the others: masked_mean always masked, the rest maskless).
+MASKABLE = ("attention", "multi_source", "bottleneck", "self_attention_dropout")
+#: Paired ratio columns: (numerator, denominator) providers; "sdpa" reads "bmm" for expert_mixture.
+RATIOS = (("eager", "cpp"), ("sdpa", "cpp"), ("eager", "auto"), ("sdpa", "auto"))
 MOSI = dict(B=32, H=8, text=50, audio=376, vision=501)
 TINY = dict(B=2, H=2, text=8, audio=24, vision=30)
 #: expert_mixture (MIDG's MoIE) shapes: B samples x (text + audio + vision) tokens, d = D, hidden h, E = K experts
@@ -90,6 +108,7 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         provs = {"eager": lambda q, k, v: eager_attention(q, k, v, m),
                  "sdpa": lambda q, k, v: sdpa_attention(q, k, v, m),
                  "cpp": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, backend="cpp"),
+                 "auto": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, backend="auto"),
                  "triton": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, backend="triton")}
         inputs, qk = [q, k, v], t_len * v_len
         io = B * H * D * (2 * t_len + 2 * v_len) * el
@@ -99,6 +118,7 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         provs = {"eager": lambda q, k, v: eager_attention(q, k, v, m, dropout_p=0.5),
                  "sdpa": lambda q, k, v: sdpa_attention(q, k, v, m, dropout_p=0.5),
                  "cpp": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, dropout_p=0.5, backend="cpp"),
+                 "auto": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, dropout_p=0.5, backend="auto"),
                  "triton": lambda q, k, v: ops.attention(q, k, v, key_padding_mask=m, dropout_p=0.5,
                                                          backend="triton")}
         inputs, qk = [q, k, v], v_len * v_len
@@ -107,6 +127,7 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         x = rnd(B, v_len, H * D)
         provs = {"eager": lambda x: F.dropout(x, 0.1, True),
                  "cpp": lambda x: ops.dropout(x, 0.1, backend="cpp"),
+                 "auto": lambda x: ops.dropout(x, 0.1, backend="auto"),
                  "triton": lambda x: ops.dropout(x, 0.1, backend="triton")}
         return dict(inputs=[x], providers=provs, flops=x.numel(), bytes_fused=2 * x.numel() * el,
                     bytes_eager=4 * x.numel() * el)  # eager also writes and reads the mask
@@ -119,6 +140,8 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
                  "sdpa": lambda q, ka, va, kv_, vv: sdpa_attention(q, ka, va, ma) + sdpa_attention(q, kv_, vv, mv),
                  "cpp": lambda q, ka, va, kv_, vv: ops.multi_source_attention(q, [(ka, va, ma), (kv_, vv, mv)],
                                                                               backend="cpp"),
+                 "auto": lambda q, ka, va, kv_, vv: ops.multi_source_attention(q, [(ka, va, ma), (kv_, vv, mv)],
+                                                                               backend="auto"),
                  "triton": lambda q, ka, va, kv_, vv: ops.multi_source_attention(q, [(ka, va, ma), (kv_, vv, mv)],
                                                                                  backend="triton")}
         inputs, qk = [q, ka, va, kv_, vv], t_len * (a_len + v_len)
@@ -139,6 +162,8 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         provs = {"eager": eager, "sdpa": sdpa,
                  "cpp": lambda *t: ops.bottleneck_exchange(t[:3], t[3:6], t[6:], qpm if masked else None,
                                                            backend="cpp"),
+                 "auto": lambda *t: ops.bottleneck_exchange(t[:3], t[3:6], t[6:], qpm if masked else None,
+                                                            backend="auto"),
                  "triton": lambda *t: ops.bottleneck_exchange(t[:3], t[3:6], t[6:], qpm if masked else None,
                                                               backend="triton")}
         inputs, qk = [*qs, *ks, *vs], sum(lens) * K
@@ -148,6 +173,7 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         valid = ~_lengths_mask(B, v_len, g, device)
         provs = {"eager": lambda x: (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1),
                  "cpp": lambda x: ops.masked_mean(x, valid, backend="cpp"),
+                 "auto": lambda x: ops.masked_mean(x, valid, backend="auto"),
                  "triton": lambda x: ops.masked_mean(x, valid, backend="triton")}
         inputs = [x]
         return dict(inputs=inputs, providers=provs, flops=B * v_len * H * D, bytes_fused=x.numel() * el,
@@ -169,6 +195,7 @@ def make_case(op: str, shape: dict, D: int, K: int = 8, masked: bool = True, dev
         provs = {"eager": lambda *t: expert_mixture_ref(*t),
                  "bmm": bmm,
                  "cpp": lambda *t: ops.expert_mixture(*t, backend="cpp"),
+                 "auto": lambda *t: ops.expert_mixture(*t, backend="auto"),
                  "triton": lambda *t: ops.expert_mixture(*t, backend="triton")}
         c = _formula(op, dict(shape, **moe), D, K, el)
         return dict(inputs=[x, gates, w1, b1, w2, b2], providers=provs, **c)
@@ -196,15 +223,51 @@ def _step(fn: Callable, inputs: list, backward: bool) -> Callable[[], None]:
 
 
 def time_ms(run: Callable[[], None], repeat: int, warmup: int = 1) -> float:
-    """Median wall time (ms) of ``repeat`` calls after ``warmup``."""
+    """Median wall time (ms) of ``repeat`` calls after ``warmup`` (one provider alone; the suite uses
+    :func:`time_interleaved`)."""
+    return statistics.median(time_interleaved({"run": run}, repeat, warmup)["run"])
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times (ms) of each provider, interleaved: in repetition i every provider runs once, round robin,
+    starting at provider i mod n (the starting provider rotates), after ``warmup`` untimed rounds.
+    → {name: [ms of repetition 0, 1, …]}: entry i of two providers comes from the same repetition (pair them with
+    :func:`paired_ratio`)."""
+    names = list(runs)
     for _ in range(warmup):
-        run()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        run()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeat):
+        start = i % len(names)
+        for name in names[start:] + names[:start]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over repetitions of num[i] / den[i] (both timed in repetition i): a load spike during one
+    repetition moves both sides of its ratio, not the median of one provider only."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty timing lists ({len(num)} vs {len(den)})")
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def summarize(times: dict[str, list[float]], names=None, ratios=RATIOS) -> dict:
+    """Columns of one case from :func:`time_interleaved`'s timings: ``{name}_ms`` (median), the paired ratios
+    ``a/b`` and ``{name}_min`` (minimum); a provider in ``names`` but not timed gets None, and so do its ratios.
+    ``names[1]`` stands for "sdpa" in ``ratios`` (e.g. "bmm")."""
+    names = list(names or times)
+    second = names[1] if len(names) > 1 else "sdpa"
+    row: dict = {f"{n}_ms": statistics.median(times[n]) if n in times else None for n in names}
+    for a, b in ratios:
+        a = second if a == "sdpa" else a
+        if a in names and b in names:
+            row[f"{a}/{b}"] = paired_ratio(times[a], times[b]) if a in times and b in times else None
+    row.update({f"{n}_min": min(times[n]) if n in times else None for n in names})
+    return row
 
 
 def _peak_rss_worker(args):  # runs in a fresh process (spawn)
@@ -229,14 +292,16 @@ def peak_extra_mb(op, shape, D, K, masked, provider, backward) -> float:
 
 
 def _cases(full: bool):
+    """→ (shape, [(op, D, K, masked)]): every case of ``msa-fast bench ops`` (and of benchmarks/bench_ops.py)."""
     shape = MOSI if full else TINY
     rows = []
-    for D in (16, 32):
-        rows.append(("attention", D, 0, True))
-        rows.append(("attention", D, 0, False))
-        rows.append(("multi_source", D, 0, True))
+    for op in ("attention", "multi_source"):
+        for D in (16, 32, 64):
+            for masked in (True, False):
+                rows.append((op, D, 0, masked))
     for K in (8, 4):
-        rows.append(("bottleneck", 16, K, True))
+        for masked in (True, False):
+            rows.append(("bottleneck", 16, K, masked))
     rows.append(("masked_mean", 16, 0, True))
     rows.append(("self_attention_dropout", 16, 0, True))
     rows.append(("dropout", 16, 0, True))
@@ -244,8 +309,14 @@ def _cases(full: bool):
     return shape, rows
 
 
+def _masked_label(op: str, masked: bool):
+    return masked if op in MASKABLE or op == "masked_mean" else ""
+
+
 def run_cpu(full: bool = False, repeat: int = 5, modes=("fwd", "fwd+bwd"), memory: bool = False,
             only: Optional[str] = None) -> list[dict]:
+    """One row per case and mode: providers timed interleaved (:func:`time_interleaved`), columns from
+    :func:`summarize` (median ms, paired ratios, min ms)."""
     from .. import _ext
 
     if not _ext.cpp_available():
@@ -256,18 +327,12 @@ def run_cpu(full: bool = False, repeat: int = 5, modes=("fwd", "fwd+bwd"), memor
         if only and op != only:
             continue
         case = make_case(op, shape, D, K, masked)
+        names = ("eager", "bmm" if "bmm" in case["providers"] else "sdpa", "cpp", "auto")
         for mode in modes:
             bwd = mode == "fwd+bwd"
-            row = dict(op=op, D=D, K=K or "", masked=masked, mode=mode)
-            names = ("eager", "sdpa", "cpp") if "bmm" not in case["providers"] else ("eager", "bmm", "cpp")
-            for name in names:
-                if name in case["providers"]:
-                    row[f"{name}_ms"] = time_ms(_step(case["providers"][name], case["inputs"], bwd), repeat)
-                else:
-                    row[f"{name}_ms"] = None
-            row["eager/cpp"] = row["eager_ms"] / row["cpp_ms"]
-            second = names[1]
-            row[f"{second}/cpp"] = row[f"{second}_ms"] / row["cpp_ms"] if row[f"{second}_ms"] else None
+            runs = {n: _step(case["providers"][n], case["inputs"], bwd) for n in names if n in case["providers"]}
+            row = dict(op=op, D=D, K=K or "", masked=_masked_label(op, masked), mode=mode)
+            row.update(summarize(time_interleaved(runs, repeat), names))
             if memory:
                 for name in ("eager", "cpp"):
                     row[f"{name}_peak_MB"] = peak_extra_mb(op, shape, D, K, masked, name, bwd)
@@ -323,8 +388,8 @@ def run_gpu(full: bool = True, only: Optional[str] = None) -> list[dict]:
             continue
         case = make_case(op, shape, D, K, masked, device="cuda")
         for mode in ("fwd", "fwd+bwd"):
-            row = dict(op=op, D=D, K=K or "", masked=masked, mode=mode)
-            for name in ("eager", "sdpa", "bmm", "triton"):
+            row = dict(op=op, D=D, K=K or "", masked=_masked_label(op, masked), mode=mode)
+            for name in ("eager", "sdpa", "bmm", "triton", "auto"):
                 if name in case["providers"]:
                     row[f"{name}_ms"] = do_bench(_step(case["providers"][name], case["inputs"], mode != "fwd"))
             rows.append(row)
@@ -343,7 +408,9 @@ SMOKE = {"full": False, "repeat": 1, "memory": False}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", default=os.environ.get("MSA_FAST_BENCH_FULL") == "1",
                         help="MOSI shapes (B=32, H=8, text 50, audio 376, vision 501) instead of tiny ones")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="interleaved repetitions per case (each provider once per repetition; medians and "
+                             "paired ratios reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="also measure peak extra RSS per run (slow)")
     parser.add_argument("--op", default=None, choices=OPS,
@@ -355,19 +422,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from . import write_outputs
+
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
-    print(f"CPU, {torch.get_num_threads()} threads, {'MOSI' if args.full else 'tiny'} shapes, median of "
-          f"{args.repeat} runs")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"CPU, {torch.get_num_threads()} threads, {'MOSI' if args.full else 'tiny'} shapes, {args.repeat} "
+          f"interleaved repetitions: median ms, paired ratios (median of per-repetition ratios), min ms"
+          + (f"; load average at start {load[0]:.2f}" if load else ""))
     rows = run_cpu(full=args.full, repeat=args.repeat, modes=modes, memory=args.memory, only=args.op)
     groups: dict[tuple, list] = {}  # rows with different provider columns (expert_mixture: bmm) in their own table
     for r in rows:
         groups.setdefault(tuple(r), []).append(r)
     print("\n\n".join(format_table(g) for g in groups.values()))
+    if load:
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    roof = roofline(full=True)
     print("\nRoofline estimate (fp32, MOSI shapes; H100 lower bound = max(FLOPs/67 TFLOP/s, bytes/3.35 TB/s)):")
-    print(format_table(roofline(full=True)))
+    print(format_table(roof))
+    gpu = None
     if torch.cuda.is_available():
+        gpu = run_gpu(full=args.full, only=args.op)
         print("\nCUDA (triton.testing.do_bench):")
-        print(format_table(run_gpu(full=args.full, only=args.op)))
+        print(format_table(gpu))
+    write_outputs(args, rows, roofline=roof, **({"cuda_rows": gpu} if gpu is not None else {}))
     return 0

@@ -22,12 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
-from . import format_table
+from . import format_table, write_outputs
 
 SMOKE = {"models": ["lnln"], "nproc": [1, 2], "n_train": 32, "batch_size": 8, "repeat": 1, "full": False}
 #: NCCL bus bandwidths (GB/s) of the 8-GPU paper model: NVLink 4 (H100/H200 SXM, ~ what nccl-tests reports as
@@ -44,7 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="the MOSI configuration (no BERT) instead of TINY_CONFIG")
     p.add_argument("--gpu-model", action="store_true",
                    help="also print the 8-GPU all-reduce paper model (gradient bytes per step of each model)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,9 +147,7 @@ def main(args: argparse.Namespace) -> int:
         print("8-GPU data-parallel paper MODEL (not measured): fp32 gradient bytes per step, ring all-reduce "
               "2(N-1)/N·bytes/busbw; DDP overlaps it with the backward, so the exposed time is at most this")
         print(format_table(gpu_model_rows(full_model_params(args.models))))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "argv": sys.argv}, f, indent=1)
+    write_outputs(args, rows)  # --json / --csv / --plot (shared: msa_fast.bench.write_outputs)
     return 0
 
 
