@@ -309,3 +309,151 @@ def test_ivf_pq_refine_reranks_exactly_and_recovers_recall():
     torch.testing.assert_close(s, ((x[i] - q[:, None]) ** 2).sum(-1))  # exact distances of the returned ids
     with pytest.raises(ValueError, match="refine"):
         Index(32, kind="ivf_pq", refine=0)
+
+
+# -- target_recall: calibrated nprobe / refine ---------------------------------------------------------------------
+def _law(law: str, n: int, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """Data laws of the retrieval benchmark, small: tight well-separated clusters, loose overlapping ones, isotropic."""
+    if law == "tight":
+        return _clustered(n, d, seed, clusters=200, noise=0.3)
+    if law == "loose":
+        return _clustered(n, d, seed, clusters=20, noise=1.0)
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _recall_of(ids: torch.Tensor, truth: torch.Tensor) -> float:
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, truth)) / truth.numel()
+
+
+def _calibrated_index(x, **kw) -> Index:
+    kw = {"metric": "cosine", "kind": "ivf_flat", "target_recall": 0.95, **kw}
+    idx = Index(x.shape[1], **kw)
+    idx.add(x)
+    idx.train()
+    return idx
+
+
+@needs_faiss
+@pytest.mark.parametrize("law,kind,n", [("tight", "ivf_flat", 12000), ("loose", "ivf_flat", 12000),
+                                        ("isotropic", "ivf_flat", 12000), ("loose", "ivf_pq", 6000)])
+def test_target_recall_is_reached_and_matches_an_independent_measurement(law, kind, n):
+    """Calibration picks nprobe (and refine) reaching the target on held-out stored vectors; recall measured on
+    fresh queries from the same law agrees with the reported estimate within a few standard errors."""
+    data = _law(law, n + 400)
+    x, q = data[:n], data[n:]  # queries: new draws of the law, not copies of stored rows
+    idx = _calibrated_index(x, kind=kind)
+    cal = idx.calibrated
+    assert cal["reached"] and cal["recall"] >= 0.95 and cal["queries"] == 512 and cal["k"] == 10
+    assert idx.nprobe == cal["nprobe"] and cal["nprobe"] & (cal["nprobe"] - 1) == 0 and cal["nprobe"] <= idx.nlist
+    assert (cal["refine"] == idx.refine) if kind == "ivf_pq" else cal["refine"] is None
+    exact = Index(x.shape[1], metric="cosine", backend="torch")
+    exact.add(x)
+    truth = exact.search(q, 10)[1]
+    measured = _recall_of(idx.search(q, 10)[1], truth)
+    assert abs(measured - cal["recall"]) <= max(0.03, 4 * cal["stderr"]), (measured, cal)
+    if cal["nprobe"] > 1:  # the setting is the cheapest power of two: half the probes misses the target
+        idx.nprobe = cal["nprobe"] // 2
+        if kind == "ivf_pq":
+            idx.refine = 32
+        held_out, own = idx._sample_stored(256)
+        ref = exact.search(held_out, 10, exclude_ids=own)[1]
+        assert _recall_of(idx.search(held_out, 10, exclude_ids=own)[1], ref) < 0.95
+
+
+@needs_faiss
+def test_target_recall_unreachable_warns_and_keeps_the_best_setting():
+    """IVF-PQ with 2 sub-quantizers of 4 bits on isotropic data: even all lists and refine 32 stay far below 0.95
+    (more lists can even lower recall: more badly ranked codes compete for the 32·k re-ranked slots)."""
+    x = _law("isotropic", 5000)
+    with pytest.warns(UserWarning, match=r"target_recall=0\.95 not reached.*\(nprobe=\d+ of nlist=16, refine=\d+\) "
+                                         r"reaches recall@10 = 0\.\d+ on 64 calibration queries.*kind='flat'"):
+        idx = _calibrated_index(x, metric="l2", kind="ivf_pq", nlist=16, pq_m=2, pq_nbits=4, calibration_queries=64)
+    cal = idx.calibrated
+    assert not cal["reached"] and cal["recall"] < 0.9 and (idx.nprobe, idx.refine) == (cal["nprobe"], cal["refine"])
+    held_out, own = idx._sample_stored(64)  # the kept setting is the best one tried
+    exact = idx.search(held_out, 10, exclude_ids=own, exact=True)[1]
+    for nprobe in (1, 2, 4, 8, 16):
+        idx.nprobe, idx.refine = nprobe, 32
+        assert _recall_of(idx.search(held_out, 10, exclude_ids=own)[1], exact) <= cal["recall"] + 1e-9
+    with pytest.warns(UserWarning, match=r"needs nprobe = nlist = 4 .*exact search \(kind='flat'\)"):
+        full_scan = _calibrated_index(x, metric="l2", nlist=4, target_recall=0.99)  # isotropic: no lists to skip
+    assert full_scan.calibrated["reached"] and full_scan.nprobe == 4
+
+
+def test_target_recall_validation():
+    for bad in (0, 0.0, -0.5, 1.5, float("nan"), float("inf"), True, "0.9"):
+        with pytest.raises(ValueError, match="target_recall must be a number with 0 < target_recall <= 1"):
+            Index(8, kind="ivf_flat", target_recall=bad)
+    with pytest.raises(ValueError, match=r"a fraction: 0\.95 for 95 %"):
+        Index(8, kind="ivf_flat", target_recall=95)
+    for name in ("calibration_queries", "calibration_k"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            Index(8, kind="ivf_flat", target_recall=0.9, **{name: 0})
+    with pytest.raises(ValueError, match="calibrate\\(\\) needs a target"):
+        _small_index().calibrate()
+    flat = Index(8, kind="flat", target_recall=1.0)  # exact: recall 1.0 by construction, nothing to calibrate
+    assert flat.calibrated["recall"] == 1.0 and flat.calibrated["reached"] and flat.calibrated["nprobe"] is None
+    assert Index(8, kind="flat").calibrated is None
+
+
+@needs_faiss
+def test_calibration_is_deterministic_lazy_and_redone_on_retraining():
+    x = _law("loose", 8000)
+    a, b = _calibrated_index(x), Index(32, metric="cosine", kind="ivf_flat", target_recall=0.95)
+    b.add(x)
+    assert b.calibrated is None
+    q = _law("loose", 50, seed=9)
+    _, ib = b.search(q, 10)  # trains, then calibrates, before the first approximate search
+    drop = lambda c: {k: v for k, v in c.items() if k != "seconds"}  # noqa: E731
+    assert drop(a.calibrated) == drop(b.calibrated)
+    assert torch.equal(a.search(q, 10)[1], ib)
+    before = dict(a.calibrated)
+    a.reset()
+    a.add(x[:6000])  # epoch refresh: no re-training, the setting stays
+    assert a.calibrated == before
+    a.reset()
+    a.add(_law("isotropic", 8000))
+    a.train()  # re-training re-calibrates (isotropic data needs more probes than loose clusters)
+    assert a.calibrated is not before and a.calibrated["nprobe"] > before["nprobe"]
+    assert a.calibrated["reached"] and a.nprobe == a.calibrated["nprobe"]
+    c = Index(32, metric="cosine", kind="ivf_flat", target_recall=0.95)
+    c.train(x)  # trained on an empty index: calibrated lazily once vectors are there
+    assert c.calibrated is None
+    c.add(x)
+    c.search(q, 10)
+    assert c.calibrated["reached"] and c.calibrated["recall"] >= 0.95
+    given = c.calibrate(q)  # queries from the application's own distribution: no self-exclusion
+    assert given["source"] == "given queries" and given["queries"] == 50 and given["recall"] >= 0.95
+
+
+@needs_faiss
+def test_calibration_survives_save_load_and_works_sharded(tmp_path, monkeypatch):
+    x = _law("loose", 8000)
+    idx = _calibrated_index(x, devices=["cpu", "cpu"])  # one shard per device: calibrated over both
+    assert idx.calibrated["reached"] and len(idx._shards) == 2
+    q = _law("loose", 40, seed=5)
+    before = idx.search(q, 10)
+    path = tmp_path / "idx.pt"
+    idx.save(str(path))
+    monkeypatch.setattr(Index, "_calibrate", lambda self, queries: pytest.fail("re-calibrated after load"))
+    loaded = Index.load(str(path))
+    assert loaded.calibrated == idx.calibrated and loaded.target_recall == 0.95
+    assert (loaded.nprobe, loaded.refine) == (idx.nprobe, idx.refine)
+    after = loaded.search(q, 10)
+    assert torch.equal(before[1], after[1])
+    single = Index.load(str(path), devices=["cpu", "cpu"])
+    assert single.calibrated == idx.calibrated
+
+
+@needs_faiss
+def test_calibration_queries_are_held_out_of_the_training_sample(monkeypatch):
+    """Leave-one-out on vectors the k-means never saw: the estimate is that of fresh queries of the same law."""
+    seen = []
+    real_train = index_mod._Shard.train
+    monkeypatch.setattr(index_mod._Shard, "train", lambda self, sample, nlist: (seen.append(sample),
+                                                                                  real_train(self, sample, nlist)))
+    x = _law("loose", 6000)
+    idx = _calibrated_index(x, nlist=32, calibration_queries=100)  # train sample 64·32 = 2048 of 6000
+    held_out, _ = idx._sample_stored(100)
+    assert len(seen) == 1 and seen[0].shape[0] == 2048 and idx.calibrated["queries"] == 100
+    assert not (torch.cdist(held_out, seen[0]) < 1e-6).any()

@@ -14,6 +14,26 @@
   by position); ``add`` / ``remove`` / ``update`` by id; a trained IVF keeps its coarse quantizer across ``reset()`` so
   per-epoch refreshes re-add vectors without re-training;
 * ``devices=[...]``: one shard per device (sample with id i lives on shard i mod S), same API, results merged;
+* ``target_recall=r`` (IVF kinds): instead of the raw ``nprobe`` / ``refine`` knobs, ask for a recall@k (k =
+  ``calibration_k``, default 10). When the IVF is trained (``train()``, or lazily before the first approximate
+  search) a seeded sample of ``calibration_queries`` (default 512) stored vectors is searched with their own id
+  excluded (a stored vector trivially finds itself; without it, its k true neighbours are the other stored vectors).
+  When ``train()`` samples the stored vectors these queries are also held out of the k-means / PQ training sample
+  (if the rest still holds the training sample, or FAISS's 39 points per list), so they are as unseen as fresh
+  queries of the same law. Exact ground truth comes from the exact engine; nprobe runs through the powers of two up
+  to nlist (IVF-PQ: for the first nprobe whose recall with refine = 32 reaches r, the smallest power-of-two refine
+  that does) until recall@k ≥ r. The setting found replaces ``nprobe`` (and ``refine``), and ``index.calibrated``
+  holds ``{"nprobe", "refine", "recall", "stderr", "queries", "k", "target", "reached", "source", "seconds"}``
+  (stderr: standard error of the estimate over the calibration queries, ≈ 0.005–0.01 near r = 0.95 with 512 of them,
+  so an independent measurement may land a little below r). If even nprobe = nlist misses r, the best setting tried
+  is kept and a warning names the recall reached and suggests ``kind="flat"`` (exact search is then the better
+  choice anyway); a target reached only at nprobe = nlist (every list scanned: isotropic data) warns likewise. The
+  estimate holds for queries distributed like the stored vectors (without the hold-out — small N, ``train(x)``, a
+  calibration after the data changed — the sample may include training vectors: slightly optimistic at small N); for
+  queries from another distribution call ``calibrate(queries)``. Re-training re-calibrates; ``add`` / ``remove`` /
+  ``reset`` (epoch refreshes) keep the setting — call ``calibrate()`` after a large change of the data; ``save`` /
+  ``load`` keep it. Exact kinds (flat, or an IVF kind without FAISS) have recall 1.0 by construction: ``calibrated``
+  says so at once. With ``devices=[...]`` the calibration searches all shards (one nprobe for every shard);
 * ``save`` / ``load``: one ``torch.save`` file (vectors, ids, the trained empty FAISS index as bytes), loadable with
   ``weights_only=True``; ``save`` writes a temporary file in the target's folder and renames it over the target
   (atomic: a failed save never leaves a truncated index), and an unwritable target raises an ``OSError`` naming it.
@@ -43,6 +63,7 @@ GPU_MAX_K = 2048  # FAISS GPU_MAX_SELECTION_K without cuVS (also bounds IVF npro
 _SCORE_BUDGET = 1 << 25  # fp32 score elements per torch tile (128 MiB)
 _CALIBRATE_MIN_N = 50_000  # below this the engines differ by milliseconds: use torch without timing
 _ENGINE_CACHE: dict[tuple, str] = {}
+_MAX_REFINE = 32  # IVF-PQ calibration: largest refine tried (refine·k candidates re-ranked exactly)
 _WARNED: set[str] = set()
 
 DeviceLike = Union[str, torch.device]
@@ -276,15 +297,18 @@ class Index:
     fetch refine·k candidates from the compressed codes and re-rank them with exact scores against the stored
     vectors, so the returned scores are exact and recall recovers; 1 = off, default 4); train_size (IVF
     training sample, default min(N, 64·nlist), for PQ at least 40·2^nbits); device (where the vectors live);
-    devices (several → sharded); backend "auto" | "faiss" | "torch"; exact_engine "auto" | "torch" | "faiss".
-    Results come back on the queries' device.
+    devices (several → sharded); backend "auto" | "faiss" | "torch"; exact_engine "auto" | "torch" | "faiss";
+    target_recall (0 < r ≤ 1: calibrate nprobe, and refine for IVF-PQ, to reach recall@``calibration_k`` ≥ r on
+    ``calibration_queries`` held-out stored vectors; see the module docstring and ``calibrate``). Results come back
+    on the queries' device.
     """
 
     def __init__(self, dim: int, metric: str = "cosine", kind: str = "flat", *, nlist: Optional[int] = None,
                  nprobe: int = 16, pq_m: Optional[int] = None, pq_nbits: int = 8, refine: int = 4,
                  train_size: Optional[int] = None,
                  device: DeviceLike = "cpu", devices: Optional[Sequence[DeviceLike]] = None, backend: str = "auto",
-                 exact_engine: str = "auto", seed: int = 0):
+                 exact_engine: str = "auto", seed: int = 0, target_recall: Optional[float] = None,
+                 calibration_queries: int = 512, calibration_k: int = 10):
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         for name, val, allowed in (("metric", metric, METRICS), ("kind", kind, KINDS), ("backend", backend, BACKENDS),
@@ -296,6 +320,11 @@ class Index:
         if not isinstance(refine, int) or refine < 1:
             raise ValueError(f"refine must be an int >= 1, got {refine!r}")
         self.refine = refine
+        self.target_recall = _check_target_recall(target_recall)
+        for name, val in (("calibration_queries", calibration_queries), ("calibration_k", calibration_k)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        self.calibration_queries, self.calibration_k = calibration_queries, calibration_k
         self.dim, self.metric, self.kind, self.seed = dim, metric, kind, seed
         self.nlist, self.nprobe, self.train_size = nlist, int(nprobe), train_size
         self.pq_m = pq_m or _default_pq_m(dim)
@@ -313,6 +342,9 @@ class Index:
         self.device = devs[0]
         self._shards = [_Shard(self, d) for d in devs]
         self._next_id = 0
+        self._calibrating = False
+        #: the calibrated setting and the recall it reached (``target_recall`` set), else None; see ``calibrate``
+        self.calibrated: Optional[dict] = self._exact_calibration() if not self.approximate else None
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -379,6 +411,7 @@ class Index:
         """Train the IVF coarse quantizer (and PQ) on x or on a sample of the stored vectors. No-op for flat."""
         if not self.approximate:
             return
+        own = x is None
         if x is None:
             x = torch.cat([s.x.cpu() for s in self._shards])
         else:
@@ -391,13 +424,139 @@ class Index:
         if self.kind == "ivf_pq" and n < (1 << self.pq_nbits):
             raise ValueError(f"IVF-PQ training needs at least {1 << self.pq_nbits} vectors, got {n}")
         size = min(n, self.train_size or max(64 * nlist, 40 << self.pq_nbits if self.kind == "ivf_pq" else 0))
+        pool = torch.arange(n)
+        if own and self.target_recall is not None:  # hold the calibration queries out of the training sample
+            m = min(self.calibration_queries, n)
+            enough = min(size, 39 * nlist)  # FAISS wants ≥ 39 points per list: do not starve the training
+            if n - m >= max(enough, 1 << self.pq_nbits if self.kind == "ivf_pq" else 0):
+                keep = torch.ones(n, dtype=torch.bool)
+                keep[self._calibration_positions(n, m)] = False
+                pool = pool[keep]
+                size = min(size, len(pool))
         g = torch.Generator().manual_seed(self.seed)
-        sample = x[torch.randperm(n, generator=g)[:size]] if size < n else x
+        sample = x[pool[torch.randperm(len(pool), generator=g)[:size]]] if size < n else x
         self.nlist = nlist
         first = self._shards[0]
         first.train(sample, nlist)
         for s in self._shards[1:]:
             s.adopt_trained(first.ivf)
+        self.calibrated = None  # a new quantizer: the old setting no longer applies
+        if self.target_recall is not None and self.ntotal >= 2:
+            self.calibrate()  # else lazily before the first approximate search
+
+    def calibrate(self, queries: Optional[Tensor] = None) -> dict:
+        """Find the cheapest nprobe (IVF-PQ: and refine) whose recall@``calibration_k`` reaches ``target_recall``.
+
+        queries None: a seeded sample of ``calibration_queries`` stored vectors, each searched with its own id
+        excluded (leave-one-out: an honest estimate for queries distributed like the stored vectors); or give
+        queries (nq, dim) from the distribution you will search with. Ground truth: the exact engine. nprobe runs
+        through 1, 2, 4, ... up to nlist; for IVF-PQ, at each nprobe refine = 32 is tried first and, once that
+        reaches the target, the smallest power-of-two refine that does. Sets ``nprobe`` / ``refine`` and returns
+        (and stores) ``index.calibrated``; if the target is out of reach the best setting is kept and a
+        ``UserWarning`` says so. Deterministic for a given ``seed``. Called by ``train()`` (and lazily by the first
+        approximate search) when ``target_recall`` is set; call it again after a large change of the data.
+        """
+        if self.target_recall is None:
+            raise ValueError("calibrate() needs a target: Index(..., target_recall=0.95)")
+        if not self.approximate:
+            self.calibrated = self._exact_calibration()
+            return self.calibrated
+        if not self.is_trained:
+            self.train()
+            if self.calibrated is not None:
+                return self.calibrated
+        self._calibrating = True
+        try:
+            return self._calibrate(queries)
+        finally:
+            self._calibrating = False
+
+    def _calibrate(self, queries: Optional[Tensor]) -> dict:
+        n = self.ntotal
+        t0 = time.perf_counter()
+        if queries is None:
+            if n < 2:
+                raise ValueError(f"calibration needs at least 2 stored vectors, got {n}")
+            k = min(self.calibration_k, n - 1)
+            q, exclude = self._sample_stored(min(self.calibration_queries, n))
+            source = "stored vectors, own id excluded"
+        else:
+            check_vectors(queries, self.dim, "queries")
+            if queries.shape[0] == 0 or n == 0:
+                raise ValueError("calibration needs at least one query and one stored vector")
+            k, q, exclude, source = min(self.calibration_k, n), queries, None, "given queries"
+        _, truth = self.search(q, k, exclude_ids=exclude, exact=True)
+        target = float(self.target_recall)
+        nlist = int(self.nlist or 1)
+        probes = [1 << i for i in range(max(nlist - 1, 0).bit_length()) if (1 << i) < nlist] + [nlist]
+        pq = self.kind == "ivf_pq"
+        refines = [1 << i for i in range(_MAX_REFINE.bit_length()) if (1 << i) <= _MAX_REFINE] if pq else [self.refine]
+
+        def measure(nprobe: int, refine: int) -> float:
+            self.nprobe, self.refine = nprobe, refine
+            return _recall(self.search(q, k, exclude_ids=exclude)[1], truth)
+
+        best: Optional[tuple[float, int, int]] = None
+        reached = False
+        for nprobe in probes:
+            r = measure(nprobe, refines[-1])
+            if best is None or r > best[0]:
+                best = (r, nprobe, refines[-1])
+            if r >= target:
+                reached = True
+                for refine in refines[:-1]:  # the smallest refine that also reaches the target at this nprobe
+                    r_small = measure(nprobe, refine)
+                    if r_small >= target:
+                        best = (r_small, nprobe, refine)
+                        break
+                else:
+                    best = (r, nprobe, refines[-1])
+                break
+        assert best is not None
+        recall, self.nprobe, self.refine = best
+        per_query = _recall(self.search(q, k, exclude_ids=exclude)[1], truth, per_query=True)
+        stderr = float(per_query.std()) / math.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
+        self.calibrated = {"nprobe": self.nprobe, "refine": self.refine if pq else None, "recall": recall,
+                           "stderr": stderr, "queries": int(q.shape[0]), "k": k, "target": target, "reached": reached,
+                           "source": source, "seconds": time.perf_counter() - t0}
+        if not reached:
+            warnings.warn(
+                f"target_recall={target} not reached: the best setting (nprobe={self.nprobe} of nlist={nlist}"
+                + (f", refine={self.refine}" if pq else "") + f") reaches recall@{k} = {recall:.3f} on "
+                f"{q.shape[0]} calibration queries. Exact search is the better choice here: use kind='flat' "
+                + ("(or a larger pq_m / pq_nbits) " if pq else "") + "or lower target_recall.", UserWarning,
+                stacklevel=3)
+        elif self.nprobe == nlist and nlist > 1:
+            warnings.warn(
+                f"target_recall={target} needs nprobe = nlist = {nlist} (recall@{k} = {recall:.3f}): the IVF scans "
+                "every list, so exact search (kind='flat') is as accurate and faster; the data has no cluster "
+                "structure IVF can use at this target.", UserWarning, stacklevel=3)
+        return self.calibrated
+
+    def _exact_calibration(self) -> Optional[dict]:
+        if self.target_recall is None:
+            return None
+        return {"nprobe": None, "refine": None, "recall": 1.0, "stderr": 0.0, "queries": 0,
+                "k": self.calibration_k,
+                "target": float(self.target_recall), "reached": True, "source": "exact search", "seconds": 0.0}
+
+    def _calibration_positions(self, n: int, m: int) -> Tensor:
+        """Sorted positions (in shard-concatenation order) of the m calibration queries among n stored vectors."""
+        g = torch.Generator().manual_seed(self.seed + 0x5EED)
+        return torch.randperm(n, generator=g)[:m].sort().values
+
+    def _sample_stored(self, m: int) -> tuple[Tensor, Tensor]:
+        """m stored vectors (seeded, without replacement) and their ids, gathered shard by shard."""
+        sizes = [len(s.ids) for s in self._shards]
+        pick = self._calibration_positions(sum(sizes), m)
+        xs, ids, start = [], [], 0
+        for s, size in zip(self._shards, sizes):
+            local = pick[(pick >= start) & (pick < start + size)] - start
+            start += size
+            if len(local):
+                xs.append(s.x[local.to(s.device)].to(self.device))
+                ids.append(s.ids[local.to(s.device)].to("cpu"))
+        return torch.cat(xs), torch.cat(ids)
 
     # -- search ----------------------------------------------------------------------------------------------
     def search(self, q: Tensor, k: int, exclude_ids: Optional[Tensor] = None,
@@ -421,6 +580,9 @@ class Index:
                                  f"got {tuple(exclude_ids.shape)} {exclude_ids.dtype}")
         if self.approximate and not exact and not self.is_trained:
             self.train()
+        if (self.approximate and not exact and self.target_recall is not None and self.calibrated is None
+                and not self._calibrating):
+            self.calibrate()
         largest = self.metric != "l2"
         kk = min(k + (exclude_ids is not None), n)
         qp = self._prepare(q)
@@ -435,7 +597,8 @@ class Index:
     def config(self) -> dict:
         return dict(dim=self.dim, metric=self.metric, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe,
                     pq_m=self.pq_m, pq_nbits=self.pq_nbits, refine=self.refine, train_size=self.train_size,
-                    seed=self.seed,
+                    seed=self.seed, target_recall=self.target_recall, calibration_queries=self.calibration_queries,
+                    calibration_k=self.calibration_k, calibrated=dict(self.calibrated) if self.calibrated else None,
                     exact_engine=self.exact_engine, backend=self.backend,
                     devices=[str(s.device) for s in self._shards])
 
@@ -464,6 +627,7 @@ class Index:
         cfg = dict(state["config"])
         saved_devices = cfg.pop("devices")
         backend = cfg.pop("backend")
+        calibrated = cfg.pop("calibrated", None)  # older files: no calibration keys
         if backend == "faiss" and faiss_or_none() is None:
             backend = "torch"
         idx = cls(**cfg, backend=backend, devices=list(devices) if devices else saved_devices)
@@ -477,6 +641,8 @@ class Index:
         for s, st in zip(idx._shards, state["shards"]):
             s.add(st["x"], st["ids"])  # vectors are stored already normalised
         idx._next_id = state["next_id"]
+        if idx.approximate and idx.is_trained and calibrated is not None:
+            idx.calibrated = calibrated  # nprobe / refine in the config are the calibrated ones
         return idx
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -548,6 +714,25 @@ def _drop_ids(scores: Tensor, ids: Tensor, exclude: Tensor, k: int, largest: boo
     # Stable re-sort moves the dropped slot to the end while keeping the order of the others.
     order = (hit.to(torch.int8)).argsort(dim=1, stable=True)
     return scores.gather(1, order)[:, :k], ids.gather(1, order)[:, :k]
+
+
+def _check_target_recall(r: Any) -> Optional[float]:
+    if r is None:
+        return None
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+        hint = f" (a fraction: {r / 100:g} for {r:g} %)" if isinstance(r, (int, float)) and not isinstance(
+            r, bool) and math.isfinite(r) and 1 < r <= 100 else ""
+        raise ValueError(f"target_recall must be a number with 0 < target_recall <= 1, got {r!r}{hint}")
+    return float(r)
+
+
+def _recall(ids: Tensor, truth: Tensor, per_query: bool = False) -> Any:
+    """Share of the true neighbours (truth (nq, k), −1 = none) found among ids (nq, k); per_query: (nq,) shares."""
+    valid = truth >= 0
+    hits = (truth[:, :, None] == ids[:, None, :].to(truth.device)).any(-1) & valid
+    if per_query:
+        return hits.sum(1).double() / valid.sum(1).clamp_min(1).double()
+    return hits.sum().item() / max(int(valid.sum().item()), 1)
 
 
 def _default_nlist(n: int) -> int:
