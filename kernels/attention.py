@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import as_u8, block_d, check_offsets, make_signature, num_segment_blocks, offsets_tensor
-from .counter_rng import dropout_args, dropout_scale, row_counter
+from .counter_rng import SEED_PARAMS, dropout_args, dropout_scale, row_counter
 
 @triton.jit
 def find_segment_block(pid, OFFS, S, BLOCK: tl.constexpr):
@@ -49,12 +49,12 @@ def find_segment_block(pid, OFFS, S, BLOCK: tl.constexpr):
     return seg, start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_PARAMS)
 def _attn_fwd_kernel(
     Q, K, V, KVALID, QVALID, OFFS, OUT, LSE, OSRC,
     H, Lq, Lk, S, D, store_src, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    seed_lo, seed_hi, keep_thr, inv_keep,
+    seed_lo: tl.int64, seed_hi: tl.int64, keep_thr: tl.int64, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -117,12 +117,12 @@ def _attn_fwd_kernel(
              mask=m_in[:, None] & d_in[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_PARAMS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KVALID, QVALID, OFFS, LSE, DELTA, DO, DK, DV,
     H, Lq, Lk, S, D, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    seed_lo, seed_hi, keep_thr, inv_keep,
+    seed_lo: tl.int64, seed_hi: tl.int64, keep_thr: tl.int64, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -176,12 +176,12 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_PARAMS)
 def _attn_bwd_dq_kernel(
     Q, K, V, KVALID, QVALID, OFFS, LSE, DELTA, DO, DQ,
     H, Lq, Lk, S, D, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-    seed_lo, seed_hi, keep_thr, inv_keep,
+    seed_lo: tl.int64, seed_hi: tl.int64, keep_thr: tl.int64, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -235,6 +235,10 @@ def _attn_bwd_dq_kernel(
 HEAD_DIM_BLOCKS = (16, 32, 64, 128)
 AOT_DTYPES = ("fp32", "bf16")  # fp16 takes the bf16 configs (same tile sizes, same MMA shapes)
 KINDS = ("fwd", "dkdv", "dq")
+# Occupancy the tiles are sized for (register budget of tests/test_aot.py): one 8-warp or two 4-warp CTAs per SM.
+# The FMA (fp32) and large-head-dim tiles hold 140-245 registers per thread; at MSA sizes the grid has
+# cdiv(L, 64) x B·H CTAs and the kernels are latency bound, measured spill-free rather than occupancy-limited.
+MIN_WARPS_PER_SM = 8
 
 
 def _config(kind: str, bd: int, fp32: bool, dropout: bool = False) -> dict:
@@ -256,13 +260,41 @@ def _config(kind: str, bd: int, fp32: bool, dropout: bool = False) -> dict:
     if kind == "fwd":
         # 8 warps from bd 32: with 4 warps the bd-64 16-bit tile sat at 255 registers (no spill, no headroom).
         # (dropout: the in-tile hash of the 64 x 64 fp32 tile spilled at 4 warps on sm_80 / sm_90 -> 8 warps)
+        if fp32 and bd <= 32:
+            # The 64 x 64 fp32 tiles compiled clean with the generic signature but spilled 4-12 B as launched (S = 1
+            # constexpr, 16-divisible strides; tests/test_aot.py launch specialisations): 64 x 32, 8 warps (bd 16:
+            # 4 warps spilled on sm_90 even at 64 x 32), and 32 x 32 with dropout at bd 32 (64 x 32 spilled).
+            # bd 32 without dropout: 64 x 32 at 8 warps spilled 12 B with the generic signature on sm_80 -> 4 warps
+            # (204 registers, clean generic and as launched).
+            if bd == 32 and not dropout:
+                return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+            return dict(BLOCK_M=32 if dropout and bd == 32 else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+        if fp32 and bd == 64:
+            # no dropout: 64 x 32 spilled 12-24 B multi-source (store_src) as launched -> 32 x 32; with dropout
+            # 32 x 32 spilled 72 B (generic, sm_80) while 64 x 32 at 8 warps is clean (199 registers)
+            return dict(BLOCK_M=64 if dropout else 32, BLOCK_N=32, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 32 else 32, num_warps=4 if bd == 16 and not dropout else 8,
                     num_stages=2)
     if kind == "dkdv":
+        # 32 x 64 spilled as launched: fp32 + dropout at bd 32 (8 / 24 B) -> 32 x 32; fp32 at bd 64 without dropout
+        # (16 B multi-source on sm_80) -> 16 x 64 (32 x 32 spilled 8 B there at S = 1)
+        if fp32 and dropout and bd == 32:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        if fp32 and not dropout and bd == 64:
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=warps, num_stages=2)
     if fp32 and dropout:  # FMA dots + the hash of the dP tile spilled at BLOCK_N 32 (and at 8 warps for bd 16)
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4 if bd == 16 else 8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2)  # dq
+    # dq, as launched: fp32 bd 16 at 4 warps spilled 16 B (sm_80 and sm_90) -> 8 warps (110 registers); 16-bit
+    # bd 64 at 64 x 32 spilled 24 B on sm_80 -> 64 x 16 (177 registers)
+    if fp32 and bd == 16:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if fp32 and bd == 64:  # 64 x 32 at 8 warps spilled 32-64 B multi-source as launched (sm_90) -> 32 x 16,
+        # 4 warps (168 registers)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
+    if not fp32 and bd == 64:
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2)
 
 
 def _launch_cfg(kind: str, bd: int, dtype: torch.dtype, block_m: Optional[int], block_n: Optional[int],
@@ -295,7 +327,8 @@ def _aot_configs() -> list[dict]:
                         types.update(dict(DK=t, DV=t) if kind == "dkdv" else dict(DQ=t))
                     out.append(dict(kernel=fn, name=f"attention.{kind}.d{bd}.{t[1:]}{'.dropout' if dropout else ''}",
                                     signature=make_signature(fn, types, constexprs), constexprs=constexprs,
-                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                    min_warps_per_sm=MIN_WARPS_PER_SM))
     return out
 
 

@@ -52,6 +52,13 @@ def flat_dropout_scale(n, seed_lo, seed_hi, keep_thr, inv_keep):
     return tl.where(bits >= keep_thr.to(tl.uint32), inv_keep, 0.0)
 
 
+#: Kernel parameters fed by ``dropout_args``: declared ``tl.int64`` and ``do_not_specialize`` in every kernel, so the
+#: JIT compiles one variant whatever the drawn seed (unpinned, a seed half >= 2**31 turned the parameter into i64, a
+#: 16-divisible one added a divisibility attribute and a half equal to 1 a constexpr: up to 4 variants per half,
+#: a fresh compile for a new seed class, and variants tests/test_aot.py could not enumerate).
+SEED_PARAMS = ("seed_lo", "seed_hi", "keep_thr")
+
+
 def dropout_args(dropout) -> tuple[int, int, int, float]:
     """(seed_lo, seed_hi, keep_thr, inv_keep) kernel arguments for ``dropout`` = (p, seed) (or None: no dropout)."""
     if dropout is None:

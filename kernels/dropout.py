@@ -9,13 +9,14 @@ import triton
 import triton.language as tl
 
 from . import make_signature
-from .counter_rng import dropout_args, flat_dropout_scale
+from .counter_rng import SEED_PARAMS, dropout_args, flat_dropout_scale
 
 BLOCK = 1024
 
 
-@triton.jit
-def _dropout_kernel(X, Y, N, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=SEED_PARAMS)
+def _dropout_kernel(X, Y, N, seed_lo: tl.int64, seed_hi: tl.int64, keep_thr: tl.int64, inv_keep,
+                    BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors beyond 2³¹ elements
     n = start + tl.arange(0, BLOCK)
     ok = n < N

@@ -408,6 +408,9 @@ def _topk_dxp_kernel(DZ, OFFS, TOFFS, W1, DXP, D, H, E, sw1e, sw1d, sw1h,
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16  # rows / output cols / reduction; all >= 16 for tl.dot on GPU
 NUM_WARPS, NUM_STAGES = 8, 2  # 4 warps: 64x64 fp32 tiles (with 64-bit gather addresses) reach 255 regs / spill
 DY_BLOCK_M = 32  # the elementwise dy/dweight kernel holds several 64-bit pointer tiles
+# the unpermute gather: 64 x 64 tiles held 152-165 registers (64-bit gather addresses), over the 128 of the default
+# occupancy budget (tests/test_aot.py); 32 x 32 at 4 warps holds 80-90
+UNPERMUTE_BLOCK, UNPERMUTE_WARPS = 32, 4
 DZ_BLOCK_H = 32  # dense dz: GEMM + act/act' epilogue + dgates partials spill at 64 wide (sm_90, 128 regs cap)
 PERMUTE_BLOCK, PERMUTE_WARPS = 256, 8  # (BLOCK, BLOCK_E) one-hot tiles: 4 warps reach 255 regs at E = 64
 MAX_EXPERTS = 64  # BLOCK_E of the permutation / tile lookup is next_pow2(E) <= 64
@@ -442,7 +445,7 @@ def _aot_configs() -> list[dict]:
         add(_topk_dw1_kernel, f"topk_dw1.{dt}", dict(X=t, ORDER="*i32", DZ=t, OFFS="*i32", DW1=t, DB1=t), dh)
         for has_w in (True, False):
             add(_unpermute_kernel, f"unpermute.w{int(has_w)}.{dt}", dict(Y=f32, POS="*i32", W=t, OUT=t),
-                dict(HAS_W=has_w, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N))
+                dict(HAS_W=has_w, BLOCK_M=UNPERMUTE_BLOCK, BLOCK_N=UNPERMUTE_BLOCK), warps=UNPERMUTE_WARPS)
         for be in AOT_BLOCK_E:
             add(_topk_fc1_kernel, f"topk_fc1.e{be}.{dt}",
                 dict(X=t, ORDER="*i32", OFFS="*i32", TOFFS="*i32", W1=t, B1=t, Z=f32), dict(mh, BLOCK_E=be))
@@ -574,9 +577,9 @@ def topk_forward(x, expert_idx, expert_weight, w1, b1, w2, b2, activation):
     _topk_fc2_kernel[(tiles, triton.cdiv(D, BLOCK_N))](
         z, offs, toffs, w2, b2, y, D, H, E, *w2.stride(), *b2.stride(),
         GELU=gelu, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_E=be, **kw)
-    _unpermute_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, BLOCK_N))](
+    _unpermute_kernel[(triton.cdiv(N, UNPERMUTE_BLOCK), triton.cdiv(D, UNPERMUTE_BLOCK))](
         y, pos, expert_weight, out, N, D, K, *expert_weight.stride(), *out.stride(),
-        HAS_W=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **kw)
+        HAS_W=True, BLOCK_M=UNPERMUTE_BLOCK, BLOCK_N=UNPERMUTE_BLOCK, num_warps=UNPERMUTE_WARPS, num_stages=NUM_STAGES)
     return out, saved
 
 
@@ -617,6 +620,7 @@ def topk_backward(x, expert_idx, expert_weight, w1, b1, w2, b2, activation, save
     _topk_dxp_kernel[(tiles, triton.cdiv(D, BLOCK_N))](
         dz, offs, toffs, w1, dxp, D, H, E, *w1.stride(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_E=be, **kw)
-    _unpermute_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, BLOCK_N))](
-        dxp, pos, dxp, dx, N, D, K, 0, 0, *dx.stride(), HAS_W=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **kw)
+    _unpermute_kernel[(triton.cdiv(N, UNPERMUTE_BLOCK), triton.cdiv(D, UNPERMUTE_BLOCK))](
+        dxp, pos, dxp, dx, N, D, K, 0, 0, *dx.stride(), HAS_W=False, BLOCK_M=UNPERMUTE_BLOCK,
+        BLOCK_N=UNPERMUTE_BLOCK, num_warps=UNPERMUTE_WARPS, num_stages=NUM_STAGES)
     return dx, dwt, dw1, db1, dw2, db2

@@ -54,7 +54,7 @@ def _mm_bwd_kernel(VALID, DOUT, DX, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.con
 
 
 BLOCK_L, BLOCK_D = 64, 64  # no tl.dot here: any power of two works; 64x64 keeps a chunk at 16-32 regs/thread
-NUM_WARPS = 4
+NUM_WARPS, NUM_STAGES = 4, 2  # passed at launch too: Triton's default num_stages (3) would be another variant
 AOT_DTYPES = ("fp32", "bf16")
 
 
@@ -64,9 +64,11 @@ def _aot_configs() -> list[dict]:
     for dt in AOT_DTYPES:
         t = "*" + dt
         out.append(dict(kernel=_mm_fwd_kernel, name=f"masked_mean.fwd.{dt}", constexprs=c, num_warps=NUM_WARPS,
-                        num_stages=2, signature=make_signature(_mm_fwd_kernel, dict(X=t, VALID="*u8", OUT=t), c)))
+                        num_stages=NUM_STAGES,
+                        signature=make_signature(_mm_fwd_kernel, dict(X=t, VALID="*u8", OUT=t), c)))
         out.append(dict(kernel=_mm_bwd_kernel, name=f"masked_mean.bwd.{dt}", constexprs=c, num_warps=NUM_WARPS,
-                        num_stages=2, signature=make_signature(_mm_bwd_kernel, dict(VALID="*u8", DOUT=t, DX=t), c)))
+                        num_stages=NUM_STAGES,
+                        signature=make_signature(_mm_bwd_kernel, dict(VALID="*u8", DOUT=t, DX=t), c)))
     return out
 
 
@@ -95,7 +97,8 @@ def forward(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B * D > 0:
         _mm_fwd_kernel[(B, triton.cdiv(D, BLOCK_D))](x, vu8, out, L, D, x.stride(0), x.stride(1),
-                                                     BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+                                                     BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+                                                     num_stages=NUM_STAGES)
     return out
 
 
@@ -109,5 +112,6 @@ def backward(x: torch.Tensor, valid: Optional[torch.Tensor], dout: torch.Tensor)
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     if dx.numel() > 0:
         grid = (B, triton.cdiv(L, BLOCK_L), triton.cdiv(D, BLOCK_D))
-        _mm_bwd_kernel[grid](vu8, dout, dx, L, D, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+        _mm_bwd_kernel[grid](vu8, dout, dx, L, D, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+                             num_stages=NUM_STAGES)
     return dx
