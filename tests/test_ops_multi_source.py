@@ -97,3 +97,25 @@ def test_auto_inference_route_matches_reference():
     ref = multi_source_attention_ref(q, _sources(kv, masks), query_padding_mask=qpm)
     ref32 = multi_source_attention_ref(q.float(), _sources([t.float() for t in kv], masks), query_padding_mask=qpm)
     assert_close_to_reference(out, ref, ref32, name="auto no_grad")
+
+
+def test_auto_routes_to_sdpa_where_it_measured_faster():
+    """The measured routing table of ``auto`` on CPU (msa_fast.ops.multi_source_attention): several sources at
+    D >= 64 in every mode, unmasked or inference calls at D <= 16; masked D 32 / single-source D 64 training stay."""
+    from msa_fast.ops.multi_source_attention import sdpa_route_applies
+
+    def tensors(d, grad):
+        q = torch.randn(2, 2, 8, d, requires_grad=grad)
+        return q, [q, torch.randn(2, 2, 12, d), torch.randn(2, 2, 12, d)]
+
+    q, ts = tensors(64, True)
+    assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
+    assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=1)
+    assert not sdpa_route_applies("cpp", "cpp", q, ts, n_sources=2)  # a forced backend is never rerouted
+    q, ts = tensors(16, True)
+    assert sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
+    assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=False, n_sources=2)
+    with torch.no_grad():
+        assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
+    q, ts = tensors(32, True)
+    assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)

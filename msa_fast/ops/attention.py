@@ -67,6 +67,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         # backends without in-kernel dropout: the reference (torch RNG, autograd through it)
         return attention_ref(q, k, v, key_padding_mask, query_padding_mask, scale, float(dropout_p))
     unmasked = key_padding_mask is None and query_padding_mask is None
-    if sdpa_route_applies(backend, name, q, [q, k, v], unmasked_single_source=unmasked):
+    if sdpa_route_applies(backend, name, q, [q, k, v], unmasked=unmasked):
         return run_sdpa(q, [(k, v, key_padding_mask)], scale, query_padding_mask)
     return run_segmented(q, [(k, v, key_padding_mask)], scale, query_padding_mask, name)

@@ -29,21 +29,30 @@ SDPA_MAX_HEAD_DIM = 16
 SDPA_MIN_QUERY_ROWS = 256
 
 
-def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Tensor],
-                       unmasked_single_source: bool = False) -> bool:
+#: ... and multi-source calls with head dim >= SDPA_MULTI_SOURCE_MIN_HEAD_DIM in every mode: measured (quiet machine,
+#: MOSI shapes, 2 threads, providers interleaved, paired ratios; msa-fast bench ops --full) SDPA / C++ = 0.60-0.78
+#: at D 64, masked or not, forward and forward+backward, where single-source D 64 calls are even (0.85-1.03).
+SDPA_MULTI_SOURCE_MIN_HEAD_DIM = 64
+
+
+def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Tensor], unmasked: bool = False,
+                       n_sources: int = 1) -> bool:
     """True when a plain backend="auto" (no use_backend / env override) picked the C++ backend for an fp32/fp64
-    call where SDPA measured faster: long query and key sets (``SDPA_MIN_QUERY_ROWS``), and with a small head dim
-    inference calls and training calls of one source without any mask (SDPA's unmasked fused backward beat the C++
-    kernel there: 60 vs 73 ms fwd+bwd at D = 16). Callers never route dropout here."""
+    call where SDPA measured faster: long query and key sets (``SDPA_MIN_QUERY_ROWS``); several sources at a large
+    head dim (``SDPA_MULTI_SOURCE_MIN_HEAD_DIM``); with a small head dim, inference calls and training calls without
+    any mask (SDPA's unmasked fused backward beat the C++ kernel there: 17.7 vs 23.8 ms fwd+bwd at D = 16 for one
+    source, 28.9 vs 39.8 ms for two). Callers never route dropout here."""
     if backend != "auto" or name != "cpp" or _dispatch._override() is not None:
         return False
     if q.dtype not in (torch.float32, torch.float64):
         return False
     if min(t.shape[2] for t in tensors) >= SDPA_MIN_QUERY_ROWS:  # long queries and long key sets
         return True
+    if n_sources > 1 and q.shape[-1] >= SDPA_MULTI_SOURCE_MIN_HEAD_DIM:
+        return True
     if not 0 < q.shape[-1] <= SDPA_MAX_HEAD_DIM:
         return False
-    return unmasked_single_source or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return unmasked or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def run_sdpa(q: Tensor, sources: Sequence[Source], scale: float, query_padding_mask: Optional[Tensor]) -> Tensor:
@@ -162,6 +171,8 @@ def multi_source_attention(q: Tensor, sources: Sequence[Source], scale: Optional
         check_mask(query_padding_mask, "query_padding_mask", (B, Lq), q.device)
     scale = check_scale(scale, D)
     name = _dispatch.resolve(backend, q.device)
-    if sdpa_route_applies(backend, name, q, [q, *(t for k, v, _ in sources for t in (k, v))]):
+    unmasked = query_padding_mask is None and all(m is None for _, _, m in sources)
+    if sdpa_route_applies(backend, name, q, [q, *(t for k, v, _ in sources for t in (k, v))], unmasked=unmasked,
+                          n_sources=len(sources)):
         return run_sdpa(q, list(sources), scale, query_padding_mask)
     return run_segmented(q, list(sources), scale, query_padding_mask, name)
