@@ -89,6 +89,11 @@ def run_sdpa(q: Tensor, sources: Sequence[Source], scale: float, query_padding_m
             o = o.masked_fill(~has_key[..., None], 0.0)
         o = o.masked_fill(poison[..., None], float("nan"))
         out = o if out is None else out + o
+    return _finish(out, q, query_padding_mask)
+
+
+def _finish(out: Optional[Tensor], q: Tensor, query_padding_mask: Optional[Tensor]) -> Tensor:
+    """The sum over sources (zeros when every source is empty, still in the graph), padded query rows zeroed."""
     if out is None:
         out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0)  # keeps the graph (zero grads, no NaN)
     if query_padding_mask is not None:
@@ -116,11 +121,7 @@ def _run_sdpa_finite(q: Tensor, sources: Sequence[Source], scale: float,
             empty = m.all(dim=1)  # (B,) samples without a valid key: the reference gives zero rows
             o = o.masked_fill(empty[:, None, None, None], 0.0)
         out = o if out is None else out + o
-    if out is None:
-        out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0)  # keeps the graph (zero grads, no NaN)
-    if query_padding_mask is not None:
-        out = out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
-    return out
+    return _finish(out, q, query_padding_mask)
 
 
 def run_segmented(q: Tensor, sources: Sequence[Source], scale: float, query_padding_mask: Optional[Tensor],
