@@ -180,3 +180,18 @@ def test_plot_without_matplotlib_names_the_install(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exc:  # refused before the benchmark runs
         main(["bench", "ops", "--smoke", "--op", "dropout", "--plot", str(png)])
     assert "pip install matplotlib" in str(exc.value) and not png.exists()
+
+
+def test_model_rows_count_flops_on_the_reference_and_compare_with_the_gemm_rate():
+    import torch
+
+    from msa_fast.bench.models import counted_gflop, gemm_gflops
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert counted_gflop(lambda: a @ b) == pytest.approx(2 * 64 * 32 * 16 / 1e9)
+    q = torch.randn(1, 2, 8, 16)
+    # a fused op is opaque to the counter: it is counted on the torch reference composition (QK^T and PV matmuls)
+    from msa_fast.ops import attention
+
+    assert counted_gflop(lambda: attention(q, q, q, backend="auto")) >= 2 * 2 * (2 * 8 * 8 * 16) / 1e9 * 0.99
+    assert gemm_gflops(n=128, repeats=2) > 0

@@ -18,6 +18,10 @@ package's ``bench.py``: ``setup(batch_size, dataset, full_bert=False) -> (model,
   AdamW step.
 
 Timing: ``--warmup`` untimed calls, then the median (and min) of ``--repeats`` wall-clock calls (CUDA synchronised).
+Work: ``gflop`` = one call's FLOPs counted by ``torch.utils.flop_counter`` with the ops on the torch reference (the
+fused kernels are opaque to the counter; the arithmetic is the same), ``gflops`` = gflop / median time, and
+``gemm_frac`` = that over this process's measured fp32 GEMM rate (best of five 1024³ matmuls, CPU): how close the
+step runs to the machine's GEMM ceiling.
 Memory, measured honestly per case: every case runs in a **fresh subprocess** (no allocator state or cached
 buffers shared between cases). ``peak_rss_mb`` = the process's ``ru_maxrss`` after the timed calls (whole process:
 Python, torch, the model, the batch); ``delta_mb`` = ``peak_rss_mb`` − RSS right after setup, the extra memory the
@@ -166,6 +170,7 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
         raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
     for _ in range(warmup):
         call()
+    gflop = counted_gflop(call)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -176,10 +181,38 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    out = {"ms": statistics.median(times), "min_ms": min(times)}
+    out = {"ms": statistics.median(times), "min_ms": min(times), "gflop": gflop}
     if cuda:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def counted_gflop(call) -> float:
+    """GFLOP of one ``call()`` as ``torch.utils.flop_counter`` counts it (matmuls, convolutions, SDPA), run with the
+    ops forced to the torch reference: the fused C++ / Triton kernels are opaque to the counter, and the reference
+    composition does the same arithmetic, so both backends' rows report the work of the same step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import msa_fast.ops as ops
+
+    with ops.use_backend("torch"), FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """This process's fp32 GEMM rate (GFLOP/s, best of ``repeats`` n×n×n matmuls): the ceiling the model rows are
+    compared with."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
 def run_case(case: dict) -> Optional[dict]:
@@ -201,6 +234,10 @@ def run_case(case: dict) -> Optional[dict]:
         result = time_case(model, batch, case["mode"], case["repeats"], case["warmup"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result.update(peak_rss_mb=peak, delta_mb=max(0.0, peak - before))
+    if not batch.labels.is_cuda:
+        gemm = gemm_gflops()
+        achieved = result["gflop"] / (result["ms"] / 1e3)
+        result.update(gflops=achieved, gemm_frac=achieved / gemm)
     return result
 
 
@@ -224,7 +261,8 @@ def _run_subprocess(case: dict) -> Optional[dict]:
 
 # ---- suite -------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> list[dict]:
-    """Rows ``{model, variant, backend, mode, batch, ms, min_ms, speedup, peak_rss_mb, delta_mb[, cuda_peak_mb]}``."""
+    """Rows ``{model, variant, backend, mode, batch, ms, min_ms, speedup, gflop, gflops, gemm_frac, peak_rss_mb,
+    delta_mb[, cuda_peak_mb]}``."""
     factories = available_models(args.models)
     missing = [m for m in args.models if m not in factories]
     if missing:
@@ -254,7 +292,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     bert = ("bert-base" if args.full_bert else "tiny-bert") if variant == "bert" else "features"
                     rows.append({"model": model, "variant": bert, "backend": backend, "mode": mode,
                                  "batch": args.batch_size, **{k: res.get(k) for k in
-                                                              ("ms", "min_ms", "peak_rss_mb", "delta_mb")},
+                                                              ("ms", "min_ms", "gflop", "gflops", "gemm_frac",
+                                                               "peak_rss_mb", "delta_mb")},
                                  **({"cuda_peak_mb": res["cuda_peak_mb"]} if "cuda_peak_mb" in res else {}),
                                  "error": res.get("error", "")})
                 if "auto" in results and "torch" in results and results["auto"].get("ms") and \
@@ -262,8 +301,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     speed = results["torch"]["ms"] / results["auto"]["ms"]
                     for row in rows[-len(results):]:
                         row["speedup"] = speed if row["backend"] == "auto" else 1.0
-    keys = ["model", "variant", "backend", "mode", "batch", "ms", "min_ms", "speedup", "peak_rss_mb", "delta_mb",
-            "cuda_peak_mb", "error"]
+    keys = ["model", "variant", "backend", "mode", "batch", "ms", "min_ms", "speedup", "gflop", "gflops", "gemm_frac",
+            "peak_rss_mb", "delta_mb", "cuda_peak_mb", "error"]
     present = [k for k in keys if any(k in r and r[k] not in (None, "") for r in rows) or k in keys[:6]]
     return [{k: r.get(k) for k in present} for r in rows]
 
