@@ -575,3 +575,17 @@ def test_it_learns_beyond_the_mean_and_the_text_only_ablation():
     assert _train_and_eval(data, False, epochs=1) == _train_and_eval(data, False, epochs=1)  # same seed, same numbers
     assert full < 0.8 * const_mae, (full, const_mae)
     assert full < text_only, (full, text_only)
+
+
+def test_optimizer_groups_follow_the_official_no_decay_rule():
+    """Official train.py: AdamW without weight decay on names containing 'bias' or 'LayerNorm.weight' (BERT's), the
+    configured decay (1e-4) on everything else — HME's own layer norms included."""
+    model = build("hme", dataset="mosi", bert=dict(TINY_BERT_CONFIG))
+    decay, no_decay = model.optimizer_param_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == pytest.approx(1e-4) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    off = {names[id(p)] for p in no_decay["params"]}
+    assert "bert.embeddings.LayerNorm.weight" in off and "l2l.layers.0.layer_norms.0.bias" in off
+    assert all("bias" in n or "LayerNorm.weight" in n for n in off)
+    assert "l2l.layers.0.layer_norms.0.weight" in {names[id(p)] for p in decay["params"]}

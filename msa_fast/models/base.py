@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -158,3 +158,16 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def no_decay_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                          official_name: Callable[[str], str] = lambda name: name) -> list[dict[str, Any]]:
+    """The optimizer groups of the BERT-era recipe the official training scripts share (``transformers`` AdamW): no
+    weight decay where the parameter's *official* name contains ``bias`` or ``LayerNorm.weight`` (all biases, BERT's
+    LayerNorm weights), ``weight_decay`` elsewhere. ``official_name`` maps our parameter name to the official one
+    where the two differ."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        off = official_name(name)
+        (no_decay if ("bias" in off or "LayerNorm.weight" in off) else decay).append(p)
+    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]

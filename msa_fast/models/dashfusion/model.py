@@ -57,7 +57,7 @@ from ...data.dataset import SplitRows, concat_batches
 from ...distributed import encode_batches_sharded
 from ...nn.text_encoder import build_bert
 from ...ops import masked_mean
-from ..base import MSAModel
+from ..base import MSAModel, no_decay_param_groups
 from .layers import FrameEncoder, HierarchicalBottleneckFusion, TemporalAlignment, TextProjector
 from .partners import draw_partners, partner_ntxent_loss, retrieval_labels, retrieve_partner_pools
 from ..registry import register
@@ -356,12 +356,7 @@ class DashFusion(MSAModel):
         """AdamW groups as the official ``train.py``: no weight decay where the *official* name contains 'bias' or
         'LayerNorm.weight' (all biases, BERT's LayerNorm weights)."""
         names = self.official_key_map()
-        decay, no_decay = [], []
-        for k, p in self.named_parameters():
-            off = names.get(k, k)
-            (no_decay if ("bias" in off or "LayerNorm.weight" in off) else decay).append(p)
-        return [{"params": decay, "weight_decay": self.config["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return no_decay_param_groups(self.named_parameters(), self.config["weight_decay"], lambda k: names.get(k, k))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from ...data.alignment import word_align
 from ...data.batch import Batch
 from ...nn.dropout import Dropout
 from ...nn.text_encoder import build_bert
-from ..base import MSAModel
+from ..base import MSAModel, no_decay_param_groups
 from .layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
                          VIBEstimate)
 from ...retrieval.in_batch import in_batch_retrieve
@@ -368,6 +368,11 @@ class HME(MSAModel):
     # ------------------------------------------------------------------------------------------------------------
     # objective
     # ------------------------------------------------------------------------------------------------------------
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The official optimizer's groups (``transformers`` AdamW in ``train.py``): no weight decay on names
+        containing 'bias' or 'LayerNorm.weight' (our parameter names are the official ones)."""
+        return no_decay_param_groups(self.named_parameters(), self.config["weight_decay"])
+
     def loss(self, batch: Batch, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """L1(M, y) + unimodal_weight · mean_m L1(logit_m, y) + kl_weight · info_losses."""
         c = self.config
