@@ -7,6 +7,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from msa_fast.bench import machine_info, plot_speedups, require_matplotlib, speedup_columns, write_outputs
 from msa_fast.bench.ops import (PROVIDERS, RATIOS, TINY, _cases, make_case, paired_ratio, summarize,
@@ -195,3 +196,55 @@ def test_model_rows_count_flops_on_the_reference_and_compare_with_the_gemm_rate(
 
     assert counted_gflop(lambda: attention(q, q, q, backend="auto")) >= 2 * 2 * (2 * 8 * 8 * 16) / 1e9 * 0.99
     assert gemm_gflops(n=128, repeats=2) > 0
+
+
+# ---- equal-work mode: the benchmark's step does the official step's work ---------------------------------------
+def test_equal_work_lnln_runs_both_full_passes_on_the_complete_view_the_erasure_built():
+    from msa_fast.models.registry import get_model_class
+
+    fast, batch = get_model_class("lnln").bench_inputs(batch_size=4, use_text_features=True)
+    equal, _ = get_model_class("lnln").bench_inputs(batch_size=4, use_text_features=True, work="equal")
+    assert fast.config["share_complete_pass"] == "auto" and equal.config["share_complete_pass"] == "never"
+    # features came with the synthetic split and went through the erasure: the complete view keeps them, the
+    # incomplete view has the erased tokens' rows zeroed (the features variant once gave both views the same tensor)
+    inc, full = batch.text_features, batch.complete.text_features
+    assert full.abs().sum() > 0 and not torch.equal(inc, full)
+    changed = (inc != full).any(-1)
+    assert torch.all(inc[changed] == 0)
+
+
+def test_equal_work_dashfusion_text_runs_to_the_padded_length():
+    from msa_fast.models.registry import get_model_class
+
+    _, fast = get_model_class("dashfusion").bench_inputs(batch_size=4)
+    _, equal = get_model_class("dashfusion").bench_inputs(batch_size=4, work="equal")
+    L = fast.text_ids.shape[1]
+    assert int(fast.text_lengths.max()) < L and equal.text_lengths.tolist() == [L] * 4
+    valid = fast.text_attention_mask.bool()
+    assert torch.equal(equal.text_ids[valid], fast.text_ids[valid])
+    assert int(equal.text_ids.max()) < 1000  # in the tiny BERT's vocabulary
+
+
+def test_bench_step_is_the_trainers_update_with_its_clipping(monkeypatch):
+    """HME's train row steps with the trainer's update: value clipping at 0.8 and the official no-decay groups."""
+    import msa_fast.train.optim as optim
+    from msa_fast.bench.models import build_case, time_case
+
+    seen = []
+    real = optim.OptimizerSet.clip_and_step
+
+    def spy(self, model, cfg):
+        seen.append((cfg.grad_clip_value, [g["weight_decay"] for g in self.main.param_groups]))
+        return real(self, model, cfg)
+
+    monkeypatch.setattr(optim.OptimizerSet, "clip_and_step", spy)
+    model, batch = build_case("hme", "features", batch_size=2)
+    time_case(model, batch, "train", repeats=1, warmup=0)
+    assert seen and seen[0] == (0.8, [1e-4, 0.0])
+
+
+def test_work_mode_is_checked():
+    from msa_fast.models.registry import get_model_class
+
+    with pytest.raises(ValueError, match="work must be one of"):
+        get_model_class("hme").bench_inputs(batch_size=2, work="official")

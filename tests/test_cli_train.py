@@ -118,7 +118,7 @@ def test_bench_models_cli(capsys, isolation):
     row = [line for line in out.splitlines() if line.startswith("hme")]
     assert len(row) == 1 and "tiny-bert" in row[0] and "forward" in row[0]
     header = out.splitlines()[0].split()
-    assert header[:6] == ["model", "variant", "backend", "mode", "batch", "ms"]
+    assert header[:7] == ["model", "variant", "work", "backend", "mode", "batch", "ms"]
     assert ("peak_rss_mb" in header) == (not isolation)  # memory only from the per-case subprocess
 
 

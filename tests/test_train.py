@@ -436,3 +436,24 @@ def test_several_optimizers_step_checkpoint_and_resume_exactly(data, tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     with pytest.raises(ValueError, match="2 optimizers"):
         T.build_optimizer(_build("dummy_two_optimizers"), straight.cfg)
+
+
+@pytest.mark.parametrize("clip", [{"grad_clip_value": 0.8}, {"grad_clip": 1.0}, {}])
+def test_update_clips_gradients_as_configured_before_stepping(clip):
+    from msa_fast.train.optim import OptimizerSet
+
+    model = nn.Linear(4, 3)
+    cfg = TrainConfig(lr=1.0, **clip).resolve({"dataset": "mosi"})
+    optim = OptimizerSet(model, cfg, steps_per_epoch=1)
+    (model(torch.full((2, 4), 10.0)) * 50).sum().backward()
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    optim.clip_and_step(model, cfg)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if "grad_clip_value" in clip:
+        assert grads.abs().max() == pytest.approx(0.8) and raw.abs().max() > 0.8
+    elif "grad_clip" in clip:
+        assert grads.norm() == pytest.approx(1.0, rel=1e-5) and raw.norm() > 1.0
+    else:
+        assert torch.equal(grads, raw)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # then the step

@@ -1,21 +1,26 @@
 """Model benchmark: forward and training-step time and peak memory per model on dataset-shaped inputs.
 
 ``msa-fast bench models [--models dashfusion lnln hme] [--batch-size 16] [--full-bert] [--variants bert features]
-[--backends auto torch] [--modes forward train] [--repeats 3] [--device cpu|cuda] [--in-process] [--json FILE]``
+[--work fast equal] [--backends auto torch] [--modes forward train] [--repeats 3] [--device cpu|cuda] [--in-process]
+[--json FILE]``
 
-Cases = model × variant × backend × mode, each from the model's factory ``MSAModel.bench_inputs`` (the method
-package's ``bench.py``: ``setup(batch_size, dataset, full_bert=False) -> (model, batch)``):
+Cases = model × variant × work × backend × mode, each from the model's factory ``MSAModel.bench_inputs`` (the method
+package's ``bench.py``: ``setup(batch_size, dataset, full_bert, work=..., **overrides) -> (model, batch)``):
 
 - variants: ``bert`` = the factory's model with a randomly initialised BERT (1-layer ``TINY_BERT_CONFIG`` by default;
-  ``--full-bert`` = a BERT-base-sized random ``BertConfig``, 12 layers, no download); ``features`` = the same config
-  with ``use_text_features=True`` and random precomputed (B, L_t, 768) text features, i.e. BERT removed (models
-  without that option get no row).
+  ``--full-bert`` = a BERT-base-sized random ``BertConfig``, 12 layers, no download); ``features`` = the factory
+  with ``use_text_features=True``: its synthetic batch carries random precomputed (B, L_t, 768) text features,
+  BERT removed (models without that option get no row).
+- work: ``fast`` = the library's defaults (exact shortcuts included); ``equal`` = exactly the official training
+  step's work (LNLN: both full passes; DashFusion: full-length text; see ``msa_fast.models.bench_factory``) — the
+  mode to set beside the official code, side by side.
 - backends: ``auto`` (what users get) and ``torch`` (the PyTorch reference backend, via
   ``msa_fast.ops.use_backend("torch")`` when ops provides it, else the environment variable
   ``MSA_FAST_BACKEND=torch``); ``speedup`` = torch time / auto time of the same case.
 - modes: ``forward`` = ``model.eval()`` + ``torch.no_grad()``; ``train`` = ``model.train()``, ``training_step``
-  (the full objective, e.g. DashFusion's 7B-sample partner pass after ``prepare_epoch(1, batch)``), backward and an
-  AdamW step.
+  (the full objective, e.g. DashFusion's 7B-sample partner pass after ``prepare_epoch(1, batch)``), backward and the
+  trainer's update: the model's own optimizers and parameter groups (``msa_fast.train.OptimizerSet``) and its
+  gradient clipping (e.g. HME's value clipping at 0.8), as ``msa-fast train`` steps.
 
 Timing: ``--warmup`` untimed calls, then the median (and min) of ``--repeats`` wall-clock calls (CUDA synchronised).
 Work: ``gflop`` = one call's FLOPs counted by ``torch.utils.flop_counter`` with the ops on the torch reference (the
@@ -52,12 +57,9 @@ def _benchmarked_methods() -> tuple[str, ...]:
 
 MODELS = _benchmarked_methods()
 VARIANTS = ("bert", "features")
+WORK = ("fast", "equal")
 BACKENDS = ("auto", "torch")
 MODES = ("forward", "train")
-
-#: BERT-base shape with random weights (bert-base-uncased; no download).
-BERT_BASE_OVERRIDES = dict(vocab_size=30522, num_hidden_layers=12)
-
 
 #: ``--smoke``: batch 2, one timed call, no warm-up, in this process, tiny BERT.
 SMOKE = {"batch_size": 2, "repeats": 1, "warmup": 0, "in_process": True, "full_bert": False}
@@ -70,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
     p.add_argument("--full-bert", action="store_true", help="BERT-base-sized random BERT instead of the tiny one")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="bert / features")
+    p.add_argument("--work", nargs="+", default=["fast"], choices=WORK,
+                   help="fast (the library's defaults) / equal (exactly the official step's work) (fast)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS, help="auto / torch")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="forward / train")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (3)")
@@ -111,31 +115,18 @@ def backend_context(backend: str):
 
 
 def build_case(model_name: str, variant: str, batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False,
-               device: str = "cpu"):
+               device: str = "cpu", work: str = "fast"):
     """(model, batch) of one benchmark case, or None when the model has no ``use_text_features`` option."""
-    import torch
+    from ..models.registry import get_config, get_model_class
 
-    from ..models.registry import get_model_class
-    from ..nn.text_encoder import TINY_BERT_CONFIG
-
-    model, batch = get_model_class(model_name).bench_inputs(batch_size=batch_size, dataset=dataset, full_bert=False)
-    config = dict(model.config)
-    rebuild = False
-    if full_bert and variant == "bert":
-        config["bert"] = dict(TINY_BERT_CONFIG, **BERT_BASE_OVERRIDES)
-        rebuild = True
+    extra = {}
     if variant == "features":
-        if "use_text_features" not in config:
+        if "use_text_features" not in get_config(model_name, dataset):
             return None
-        config["use_text_features"] = True
-        rebuild = True
-        gen = torch.Generator().manual_seed(0)
-        feats = torch.randn(batch.batch_size, batch.text_ids.shape[1], config.get("text_dim", 768), generator=gen)
-        complete = batch.complete.replace(text_features=feats) if batch.complete is not None else None
-        batch = batch.replace(text_features=feats, complete=complete)
-    if rebuild:
-        torch.manual_seed(0)
-        model = get_model_class(model_name)(config)
+        extra["use_text_features"] = True
+    model, batch = get_model_class(model_name).bench_inputs(batch_size=batch_size, dataset=dataset,
+                                                            full_bert=full_bert and variant == "bert", work=work,
+                                                            **extra)
     return model.to(device), batch.to(device)
 
 
@@ -158,14 +149,17 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
     elif mode == "train":
         model.train()
         model.prepare_epoch(1, batch)  # the batch is the whole "train split" (DashFusion's partner pools)
-        from ..train import adamw  # the trainer's optimizer (fused AdamW where available), for every backend
+        from ..train.config import TrainConfig
+        from ..train.optim import OptimizerSet
 
-        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        # the trainer's update, for every backend: the model's optimizers / groups and its gradient clipping
+        cfg = TrainConfig().resolve(model.config)
+        optim = OptimizerSet(model, cfg, steps_per_epoch=1)
 
         def call():
-            opt.zero_grad(set_to_none=True)
+            optim.zero_grad()
             model.training_step(batch)["loss"].backward()
-            opt.step()
+            optim.clip_and_step(model, cfg)
     else:
         raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
     for _ in range(warmup):
@@ -228,7 +222,7 @@ def run_case(case: dict) -> Optional[dict]:
         torch.set_num_threads(int(case["threads"]))
     with backend_context(case["backend"]):
         built = build_case(case["model"], case["variant"], case["batch_size"], case["dataset"], case["full_bert"],
-                           case["device"])
+                           case["device"], case.get("work", "fast"))
         if built is None:
             return None
         model, batch = built
@@ -264,7 +258,7 @@ def _run_subprocess(case: dict) -> Optional[dict]:
 
 # ---- suite -------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> list[dict]:
-    """Rows ``{model, variant, backend, mode, batch, ms, min_ms, speedup, gflop, gflops, gemm_frac, peak_rss_mb,
+    """Rows ``{model, variant, work, backend, mode, batch, ms, min_ms, speedup, gflop, gflops, gemm_frac, peak_rss_mb,
     delta_mb[, cuda_peak_mb]}``."""
     factories = available_models(args.models)
     missing = [m for m in args.models if m not in factories]
@@ -272,11 +266,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"(no benchmark factory msa_fast/bench/models_<name>.py for: {', '.join(missing)})", file=sys.stderr)
     rows = []
     for model in factories:
-        for variant in args.variants:
+        for variant, work in ((v, w) for v in args.variants for w in getattr(args, "work", ["fast"])):
             for mode in args.modes:
                 results = {}
                 for backend in args.backends:
-                    case = {"model": model, "variant": variant, "backend": backend, "mode": mode,
+                    case = {"model": model, "variant": variant, "work": work, "backend": backend, "mode": mode,
                             "batch_size": args.batch_size, "dataset": args.dataset, "full_bert": args.full_bert,
                             "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
                             "threads": args.threads}
@@ -293,7 +287,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         continue
                     results[backend] = res
                     bert = ("bert-base" if args.full_bert else "tiny-bert") if variant == "bert" else "features"
-                    rows.append({"model": model, "variant": bert, "backend": backend, "mode": mode,
+                    rows.append({"model": model, "variant": bert, "work": work, "backend": backend, "mode": mode,
                                  "batch": args.batch_size, **{k: res.get(k) for k in
                                                               ("ms", "min_ms", "gflop", "gflops", "gemm_frac",
                                                                "peak_rss_mb", "delta_mb")},
@@ -304,9 +298,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     speed = results["torch"]["ms"] / results["auto"]["ms"]
                     for row in rows[-len(results):]:
                         row["speedup"] = speed if row["backend"] == "auto" else 1.0
-    keys = ["model", "variant", "backend", "mode", "batch", "ms", "min_ms", "speedup", "gflop", "gflops", "gemm_frac",
+    keys = ["model", "variant", "work", "backend", "mode", "batch", "ms", "min_ms", "speedup", "gflop", "gflops", "gemm_frac",
             "peak_rss_mb", "delta_mb", "cuda_peak_mb", "error"]
-    present = [k for k in keys if any(k in r and r[k] not in (None, "") for r in rows) or k in keys[:6]]
+    present = [k for k in keys if any(k in r and r[k] not in (None, "") for r in rows) or k in keys[:7]]
     return [{k: r.get(k) for k in present} for r in rows]
 
 

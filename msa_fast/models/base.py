@@ -2,7 +2,8 @@
 
 A method lives in one package, ``msa_fast/models/<method>/``: ``model.py`` (the ``@register``-ed ``MSAModel``
 subclasses), its layers, its extras, and optionally ``bench.py`` with the benchmark input factory
-``setup(batch_size=16, dataset="mosi", full_bert=False, seed=0, device=None) -> (model, batch)``. The registry finds
+``setup(batch_size=16, dataset="mosi", full_bert=False, seed=0, device=None, work="fast", **overrides)
+-> (model, batch)``. The registry finds
 it by scanning the ``msa_fast.models`` packages; nothing outside the folder names the method. What the trainer needs
 from a method is declared here, on ``MSAModel``:
 
@@ -111,8 +112,10 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def bench_inputs(cls, batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, seed: int = 0,
-                     device: Any = None) -> tuple["MSAModel", Batch]:
-        """(model, batch) for the benchmarks: ``setup`` of the method package's ``bench.py``."""
+                     device: Any = None, work: str = "fast", **overrides: Any) -> tuple["MSAModel", Batch]:
+        """(model, batch) for the benchmarks: ``setup`` of the method package's ``bench.py``; ``work`` = ``"fast"``
+        (the library's defaults) or ``"equal"`` (exactly the official step's work, see
+        ``msa_fast.models.bench_factory``); ``overrides`` go to the model config."""
         package = cls.__module__.rsplit(".", 1)[0]
         try:
             factory = importlib.import_module(f"{package}.bench")
@@ -120,7 +123,8 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
             if err.name != f"{package}.bench":
                 raise
             raise TypeError(f"{cls.__name__} has no benchmark factory ({package}/bench.py with setup(...))") from None
-        return factory.setup(batch_size=batch_size, dataset=dataset, full_bert=full_bert, seed=seed, device=device)
+        return factory.setup(batch_size=batch_size, dataset=dataset, full_bert=full_bert, seed=seed, device=device,
+                             work=work, **overrides)
 
     def check_batch_inputs(self, batch: Batch, has_text_encoder: bool) -> None:
         """The checks every model makes before computing: ``batch`` is a ``Batch``, audio / vision are (B, L, D)

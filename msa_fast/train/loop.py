@@ -319,11 +319,7 @@ class Trainer:
             loss = out["loss"]
             self.optim.zero_grad()
             (loss * loss_weight(n_local, n_global, self.dist.world_size)).backward()
-            if self.cfg.grad_clip_value is not None:
-                nn.utils.clip_grad_value_(self.model.parameters(), float(self.cfg.grad_clip_value))
-            if self.cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.grad_clip))
-            self.optim.step()
+            self.optim.clip_and_step(self.model, self.cfg)
             if self.cfg.schedule_step == "batch":
                 self.optim.schedule_step()
             if n_local == 0:  # a zero-weight stand-in shard (last batch smaller than the world)

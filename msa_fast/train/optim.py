@@ -156,6 +156,15 @@ class OptimizerSet:
         for opt in self.optimizers.values():
             opt.step()
 
+    def clip_and_step(self, model: nn.Module, cfg: TrainConfig) -> None:
+        """The trainer's update after ``backward``: element-wise clipping (``cfg.grad_clip_value``), then norm
+        clipping (``cfg.grad_clip``) over ``model``'s parameters, then every optimizer's step."""
+        if cfg.grad_clip_value is not None:
+            nn.utils.clip_grad_value_(model.parameters(), float(cfg.grad_clip_value))
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+        self.step()
+
     def schedule_step(self) -> None:
         for sched in self.schedulers.values():
             sched.step()
