@@ -457,3 +457,20 @@ def test_update_clips_gradients_as_configured_before_stepping(clip):
     else:
         assert torch.equal(grads, raw)
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # then the step
+
+
+def test_value_clipping_equals_torchs_clip_grad_value_including_non_finite():
+    from msa_fast.train.optim import OptimizerSet
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 4), nn.Linear(5, 4)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 3
+        m.weight.grad[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    cfg = TrainConfig(lr=1e-3, grad_clip_value=0.8).resolve({"dataset": "mosi"})
+    OptimizerSet(a, cfg, steps_per_epoch=1).clip_and_step(a, cfg)
+    nn.utils.clip_grad_value_(b.parameters(), 0.8)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad.nan_to_num(7.0), pb.grad.nan_to_num(7.0))
