@@ -248,3 +248,13 @@ def test_work_mode_is_checked():
 
     with pytest.raises(ValueError, match="work must be one of"):
         get_model_class("hme").bench_inputs(batch_size=2, work="official")
+
+
+def test_gemm_bound_says_how_far_any_same_flop_kernel_could_beat_eager():
+    from msa_fast.bench.ops import gemm_bound
+
+    row = {"eager_ms": 30.0, "auto_ms": 20.0}
+    out = gemm_bound(2.0, 200.0, row)  # 2 GFLOP at 200 GFLOP/s: a 10 ms floor
+    assert out["floor_ms"] == pytest.approx(10.0) and out["gemm_frac"] == pytest.approx(0.5)
+    assert out["eager/floor"] == pytest.approx(3.0)
+    assert gemm_bound(None, 200.0, row) == {} and gemm_bound(0.0, 200.0, row) == {}

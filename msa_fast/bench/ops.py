@@ -20,7 +20,10 @@ Timing: the providers of a case run interleaved, one call each per repetition (r
 rotating from one repetition to the next), so that outside load hits them alike. Columns: median ms per provider
 over ``--repeat`` repetitions, paired ratios ``eager/cpp``, ``sdpa/cpp``, ``eager/auto``, ``sdpa/auto`` (the median
 over repetitions of the ratio of the two calls of the same repetition; > 1: cpp / auto faster), the minimum ms per
-provider, optional peak extra memory (``--memory``: RSS growth of one run in a fresh process) and a roofline estimate
+provider, the GEMM bound of the case (``gflop`` counted on the eager composition, ``floor_ms`` at the fp32 GEMM rate
+measured in the same run, ``gemm_frac`` = floor / auto, ``eager/floor`` = the most any same-FLOP kernel could gain
+over eager here: :func:`gemm_bound`), optional peak extra memory (``--memory``: RSS growth of one run in a fresh
+process) and a roofline estimate
 (FLOPs, bytes moved by a fused kernel vs the eager composition, and the H100 lower bound) to judge GPU numbers.
 """
 from __future__ import annotations
@@ -321,8 +324,11 @@ def run_cpu(full: bool = False, repeat: int = 5, modes=("fwd", "fwd+bwd"), memor
 
     if not _ext.cpp_available():
         raise RuntimeError("the C++ extension is not built: nothing to compare on CPU")
+    from .models import counted_gflop, gemm_gflops
+
     shape, cases = _cases(full)
     rows = []
+    gemm = gemm_gflops() if any(not only or op == only for op, *_ in cases) else None
     for op, D, K, masked in cases:
         if only and op != only:
             continue
@@ -333,11 +339,27 @@ def run_cpu(full: bool = False, repeat: int = 5, modes=("fwd", "fwd+bwd"), memor
             runs = {n: _step(case["providers"][n], case["inputs"], bwd) for n in names if n in case["providers"]}
             row = dict(op=op, D=D, K=K or "", masked=_masked_label(op, masked), mode=mode)
             row.update(summarize(time_interleaved(runs, repeat), names))
+            row.update(gemm_bound(counted_gflop(runs["eager"]), gemm, row))
             if memory:
                 for name in ("eager", "cpp"):
                     row[f"{name}_peak_MB"] = peak_extra_mb(op, shape, D, K, masked, name, bwd)
             rows.append(row)
     return rows
+
+
+def gemm_bound(gflop: Optional[float], gemm: float, row: dict) -> dict:
+    """Where a case stands against this machine's GEMM ceiling: ``gflop`` = the eager composition's matmul FLOPs
+    (``torch.utils.flop_counter``; the fused kernels do the same products), ``floor_ms`` = gflop at the fp32 GEMM
+    rate measured in this run, ``gemm_frac`` = floor_ms / auto_ms (the issue's "fraction of the GEMM rate"), and
+    ``eager/floor`` = eager_ms / floor_ms: the largest speed-up over eager any kernel doing these FLOPs at the GEMM
+    rate could reach (below 2 the "2× eager" goal cannot be met on this machine by computing the same products).
+    Ops without matmuls (masked mean, dropout) get no columns."""
+    if not gflop or not gemm:
+        return {}
+    floor = gflop / gemm * 1e3
+    auto = row.get("auto_ms")
+    return {"gflop": gflop, "floor_ms": floor, "gemm_frac": floor / auto if auto else None,
+            "eager/floor": row["eager_ms"] / floor if row.get("eager_ms") else None}
 
 
 def roofline(full: bool = True) -> list[dict]:
