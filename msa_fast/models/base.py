@@ -103,6 +103,17 @@ class MSAModel(nn.Module, metaclass=abc.ABCMeta):
         1/world of the train split per rank), since a rank with an empty evaluation shard never calls forward.
         Default: nothing."""
 
+    def train(self, mode: bool = True) -> "MSAModel":
+        """``nn.Module.train``, except that modules frozen by ``msa_fast.nn.text_cache.freeze_module`` (a frozen
+        BERT) stay in eval mode."""
+        from ..nn.text_cache import FROZEN_EVAL_FLAG
+
+        super().train(mode)
+        for module in self.modules():
+            if getattr(module, FROZEN_EVAL_FLAG, False):
+                module.eval()
+        return self
+
     def optimizer_param_groups(self) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
         """Parameter groups of the optimizer (``[{"params": [...], "weight_decay": ...}, ...]``); group keys the
         model leaves out take the trainer's settings. A dict ``{name: groups}`` declares several optimizers (e.g. a

@@ -35,6 +35,14 @@ Pipeline bugs fixed by default, official behaviour behind a flag:
   (independent of the batch's other samples: data-parallel ranks draw what one process draws).
 - ``epochs`` must be given (the official file's 4 / 25 / 4 contradict its own comments 100 / 125 / 100 and, with
   10 warm-up epochs, never reach the peak LR; kept as ``official_epochs_in_file``).
+Frozen BERT (not official; the official model fine-tunes BERT): ``freeze_bert=True`` freezes BERT (no gradient, eval
+mode, out of the optimizer) and ``bert_feature_cache`` (default True) serves its features from a per-sample cache
+(``msa_fast.nn.text_cache``: options, key, exactness, memory). ``frozen_bert_width``: ``"padded"`` (default) runs the
+frozen BERT on the full padded width of the batch (MMSA: 50) and crops to the batch's longest text afterwards — a
+sample's features then do not depend on the other samples of its batch, and each sample goes through BERT once;
+``"batch"`` runs it on the crop as the fine-tuned model does (cache entries then hit only at the same crop width).
+The two differ by float rounding (~1e-6) at the valid positions. ``freeze_bert`` needs ``use_text_features=False``.
+
 Omitted because they compute nothing: the unused official modules (``fc``, ``dense``, ``cls_embedding``, TA
 ``ffn/norm1/norm2``, BERT pooler, the projector's discarded dropout); their official keys are still required
 (shape-checked, then ignored) by ``load_official_state_dict``.
@@ -55,6 +63,7 @@ from torch import Tensor, nn
 from ...data.batch import Batch
 from ...data.dataset import SplitRows, concat_batches
 from ...distributed import encode_batches_sharded
+from ...nn.text_cache import FREEZE_DEFAULTS, freeze_module, freeze_options, frozen_text_features, sample_keys
 from ...nn.text_encoder import build_bert
 from ...ops import masked_mean
 from ..base import MSAModel, no_decay_param_groups
@@ -64,6 +73,7 @@ from ..registry import register
 
 #: Output keys whose dim 1 is the text length (cropped back to the anchors' L after a joint anchor+partner pass).
 TEXT_SEQ_KEYS = ("bert.last_hidden_state", "text_encoder.all", "text_encoder.valid", "temporal_alignment.H")
+FROZEN_BERT_WIDTHS = ("padded", "batch")
 
 
 @register("dashfusion")
@@ -80,6 +90,8 @@ class DashFusion(MSAModel):
         "common": {
             "bert": "bert-base-uncased",
             "use_text_features": False,
+            **FREEZE_DEFAULTS,  # freeze_bert, bert_feature_cache(_max_entries): msa_fast.nn.text_cache
+            "frozen_bert_width": "padded",  # "padded" | "batch" (read only with freeze_bert; module docstring)
             "d_model": 128,
             "encoder_heads": 8,
             "encoder_ff_dim": 256,
@@ -130,6 +142,11 @@ class DashFusion(MSAModel):
             self.bert = build_bert(c["bert"], add_pooling_layer=False)
             if self.bert.config.hidden_size != c["text_dim"]:
                 raise ValueError(f"bert hidden_size {self.bert.config.hidden_size} != text_dim {c['text_dim']}")
+        self.freeze_bert, self.bert_cache = freeze_options(c, self.bert is not None)  # cache: plain attribute
+        if c.get("frozen_bert_width", "padded") not in FROZEN_BERT_WIDTHS:
+            raise ValueError(f"frozen_bert_width must be one of {FROZEN_BERT_WIDTHS}, got {c['frozen_bert_width']!r}")
+        if self.freeze_bert:
+            freeze_module(self.bert)
         self.text_projector = TextProjector(c["text_dim"], d)
         enc = dict(d_model=d, heads=c["encoder_heads"], ff_dim=c["encoder_ff_dim"], dropout=c["encoder_dropout"],
                    input_dropout=c["input_dropout"])
@@ -146,6 +163,7 @@ class DashFusion(MSAModel):
         self.partner_pools: Optional[dict[str, Tensor]] = None  # {"ss","dd","sd"}: (N, k) train rows
         self._train_split: Optional[SplitRows] = None
 
+
     # ------------------------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------------------------
@@ -160,7 +178,13 @@ class DashFusion(MSAModel):
         out: dict[str, Tensor] = {}
         text_len = max(1, int(batch.text_lengths.max())) if batch.batch_size else 1
         valid_t = batch.text_attention_mask[:, :text_len].bool()
-        if self.bert is not None:
+        if self.freeze_bert:
+            width = batch.text_ids.shape[1] if self.config["frozen_bert_width"] == "padded" else text_len
+            feats = frozen_text_features(self.bert, batch.text_ids[:, :width], batch.text_attention_mask[:, :width],
+                                         batch.text_segment_ids[:, :width], sample_keys(batch),
+                                         self.bert_cache)[:, :text_len]
+            out["bert.last_hidden_state"] = feats
+        elif self.bert is not None:
             feats = self.bert(input_ids=batch.text_ids[:, :text_len],
                               attention_mask=batch.text_attention_mask[:, :text_len],
                               token_type_ids=batch.text_segment_ids[:, :text_len]).last_hidden_state

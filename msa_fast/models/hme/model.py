@@ -52,7 +52,11 @@ directly (softmax over one key ≡ 1); MulT K/V share one LayerNorm and one GEMM
 
 Options (not official): ``retrieval_exclude_missing=True`` keeps rows whose modality is missing out of the in-batch
 candidates; ``use_text_features=True`` reads ``Batch.text_features`` instead of running BERT (``bert.*`` keys are
-then ignored by ``load_official_state_dict``); ``retrieval_backend`` picks the retrieval op's backend.
+then ignored by ``load_official_state_dict``); ``retrieval_backend`` picks the retrieval op's backend;
+``freeze_bert=True`` freezes BERT (no gradient, eval mode, out of the optimizer; the official model fine-tunes it)
+and ``bert_feature_cache`` (default True) then serves its features from a per-sample cache, bounded by
+``bert_feature_cache_max_entries`` (``msa_fast.nn.text_cache``: key, exactness, memory; ``freeze_bert`` needs
+``use_text_features=False``).
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ from torch import Tensor, nn
 from ...data.alignment import word_align
 from ...data.batch import Batch
 from ...nn.dropout import Dropout
+from ...nn.text_cache import FREEZE_DEFAULTS, freeze_module, freeze_options, frozen_text_features, sample_keys
 from ...nn.text_encoder import build_bert
 from ..base import MSAModel, no_decay_param_groups
 from .layers import (HyperEncoder, LatentTransformer, MulTEncoder, UncertaintyGate2, UncertaintyGate3,
@@ -99,6 +104,7 @@ class HME(MSAModel):
         "common": {
             "bert": "bert-base-uncased",
             "use_text_features": False,
+            **FREEZE_DEFAULTS,  # freeze_bert, bert_feature_cache(_max_entries): msa_fast.nn.text_cache
             "alignment": "aligned",
             # architecture (official argparse names)
             "d_l": 192, "num_heads": 16, "layers": 4, "hyper_depth": 3, "latent_layers": 4, "num_latents": 5,
@@ -164,6 +170,9 @@ class HME(MSAModel):
         self.fusion_all.add_module("fusion_layer_all_activation", nn.ReLU())
         self.fusion_all.add_module("fusion_layer_all_all", nn.Linear(2 * d, 1))
         self._init_like_official()
+        self.freeze_bert, self.bert_cache = freeze_options(c, self.bert is not None)  # cache: plain attribute
+        if self.freeze_bert:
+            freeze_module(self.bert)
         self.bank: Optional[MemoryBank] = None  # not a module: never part of the (official) state_dict
         self._bank_source: Any = None
         self._bank_stale = True
@@ -193,6 +202,7 @@ class HME(MSAModel):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
 
     # ------------------------------------------------------------------------------------------------------------
     # forward
@@ -245,6 +255,10 @@ class HME(MSAModel):
         out: dict[str, Tensor] = {}
         if self.bert is None:
             text = batch.text_features
+        elif self.freeze_bert:
+            text = frozen_text_features(self.bert, batch.text_ids, batch.text_attention_mask, batch.text_segment_ids,
+                                        sample_keys(batch), self.bert_cache)
+            out["bert.last_hidden_state"] = text
         else:
             text = self.bert(input_ids=batch.text_ids, attention_mask=batch.text_attention_mask,
                              token_type_ids=batch.text_segment_ids)[0]

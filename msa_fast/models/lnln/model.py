@@ -53,6 +53,14 @@ Pipeline bugs of the official code (spec §8b) and where they are fixed — none
 ``use_text_features=True`` reads precomputed BERT features (``Batch.text_features``) instead of fine-tuning BERT
 (not the official recipe, which fine-tunes BERT; useful for fast CPU runs). ``load_official_state_dict`` then ignores
 the official ``bertmodel.*`` keys.
+
+``freeze_bert=True`` (not official) freezes BERT: no gradient, eval mode (``model.train()`` keeps it there), out of
+the optimizer; ``bert_feature_cache`` (default True) serves its features from a per-sample cache
+(``msa_fast.nn.text_cache``: options, key, exactness, memory). Both views go through it: the cache key fingerprints
+each row's token ids, so an erased incomplete row never hits the complete text's entry (or an older erasure); the
+incomplete view's rows are stored only where they equal the complete view (erasures are redrawn every epoch), and a
+frozen BERT is dropout-free, so ``share_complete_pass="auto"`` reuses the incomplete rows for the complete view.
+``freeze_bert`` needs ``use_text_features=False``.
 """
 from __future__ import annotations
 
@@ -63,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...data.batch import Batch
+from ...nn.text_cache import FREEZE_DEFAULTS, freeze_module, freeze_options, frozen_text_features, sample_keys
 from ...nn.text_encoder import build_bert
 from ..base import MSAModel
 from .layers import CrossTransformer, GradientReversalLayer, HyperModalityEncoder, TokenTransformer
@@ -118,6 +127,7 @@ class LNLN(MSAModel):
         "common": {
             "bert": "bert-base-uncased",
             "use_text_features": False,
+            **FREEZE_DEFAULTS,  # freeze_bert, bert_feature_cache(_max_entries): msa_fast.nn.text_cache
             "hidden_dim": 128,  # d (hard-coded 128 for h_p / h_hyper in the official code)
             "token_len": 8,  # T summary tokens
             "heads": 8,
@@ -184,6 +194,10 @@ class LNLN(MSAModel):
             CrossTransformer(t, t, depth=c["fusion_depth"], **enc),
             nn.Linear(d, 1),
         ])
+        self.freeze_bert, self.bert_cache = freeze_options(c, self.bertmodel is not None)  # cache: plain attribute
+        if self.freeze_bert:
+            freeze_module(self.bertmodel)
+
 
     # Descriptive aliases of the official (index-named) sub-modules.
     language_encoder = property(lambda self: self.dmml[0])
@@ -296,10 +310,17 @@ class LNLN(MSAModel):
         """(BERT last hidden state (B, L_t, 768) or None, h_1_l (B, T, d)) of the batch's own text."""
         if self.bertmodel is None:
             return None, self.proj_l(_text_features(batch))[:, : self.token_len]
-        hidden = self._bert(batch, None)
+        store = None
+        if self.bert_cache is not None and batch.complete is not None:
+            store = _same_text_rows(batch, batch.complete)  # erased rows change every epoch: not kept
+        hidden = self._bert(batch, None, store)
         return hidden, self.proj_l(hidden)[:, : self.token_len]
 
-    def _bert(self, view: Batch, rows: Optional[Tensor]) -> Tensor:
+    def _bert(self, view: Batch, rows: Optional[Tensor], store: Optional[Tensor] = None) -> Tensor:
+        if self.freeze_bert:
+            return frozen_text_features(self.bertmodel, _rows(view.text_ids, rows),
+                                        _rows(view.text_attention_mask, rows), _rows(view.text_segment_ids, rows),
+                                        sample_keys(view, rows), self.bert_cache, encode=self.bertmodel, store=store)
         return self.bertmodel(_rows(view.text_ids, rows), _rows(view.text_attention_mask, rows),
                               _rows(view.text_segment_ids, rows))
 

@@ -38,6 +38,9 @@ Official bugs, fixed by default (flag for the official behaviour where it can ru
   test_per_metric`` reproduces per-metric test selection);
 - Python-list replay buffer copied row by row to the GPU: a preallocated device ring (``replay.py``), sampled with a
   seeded ``torch.Generator``; official drop-oldest-half overflow kept (``replay_overflow="ring"`` for a plain ring).
+Frozen BERT (with ``use_text_features=False``): ``freeze_bert=True`` freezes it (no gradient, eval mode, out of the
+optimizers) and ``bert_feature_cache`` (default True) serves its features from a per-sample cache
+(``msa_fast.nn.text_cache``: options, key, exactness, memory).
 How the one-backward trainer composes the three updates, and what differs from the sequential official updates, is
 in ``agent.py``.
 """
@@ -51,6 +54,7 @@ from torch import Tensor, nn
 
 from ...data.alignment import word_align
 from ...data.batch import Batch
+from ...nn.text_cache import FREEZE_DEFAULTS, freeze_module, freeze_options, frozen_text_features, sample_keys
 from ...nn.text_encoder import build_bert
 from ..base import MSAModel
 from ..registry import register
@@ -103,6 +107,7 @@ class MMCL(MSAModel):
             **NET_DEFAULTS,
             "bert": "bert-base-uncased",
             "use_text_features": True,  # official: fixed word vectors (GloVe); here precomputed BERT features
+            **FREEZE_DEFAULTS,  # freeze_bert, bert_feature_cache(_max_entries): msa_fast.nn.text_cache
             "alignment": "aligned",
             "task_loss": "l1",
             "reward": "exp_neg_abs",
@@ -132,6 +137,10 @@ class MMCL(MSAModel):
             self.bertmodel = build_bert(c["bert"], add_pooling_layer=False)
             text_dim = self.bertmodel.config.hidden_size
         self.net = MMCLNet((text_dim, c["audio_dim"], c["vision_dim"]), 1, c)
+        self.freeze_bert, self.bert_cache = freeze_options(c, self.bertmodel is not None)  # cache: plain attribute
+        if self.freeze_bert:
+            freeze_module(self.bertmodel)
+
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,6 +148,11 @@ class MMCL(MSAModel):
         self.check_batch_inputs(batch, has_text_encoder=self.bertmodel is not None)
         if self.bertmodel is None:
             text = batch.text_features
+        elif self.freeze_bert:
+            text = frozen_text_features(self.bertmodel, batch.text_ids, batch.text_attention_mask,
+                                        batch.text_segment_ids, sample_keys(batch), self.bert_cache)
+            if batch.availability is not None:
+                text = text * batch.availability[:, 0, None, None].to(text.dtype)
         else:
             text = self.bertmodel(input_ids=batch.text_ids, attention_mask=batch.text_attention_mask,
                                   token_type_ids=batch.text_segment_ids)[0]
