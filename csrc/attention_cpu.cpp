@@ -37,6 +37,23 @@ std::vector<torch::Tensor> expert_mixture_topk_backward(torch::Tensor x, torch::
                                                         torch::Tensor dout, bool gelu);
 std::vector<torch::Tensor> row_topk(torch::Tensor s, std::vector<int64_t> bounds, int64_t k,
                                     bool largest);  // partners_cpu.cpp
+// bottleneck_cpu.cpp: concatenated contract (q (B,H,Lq,D) in M segments, k/v (B,H,M,K,D)) and one tensor per modality
+std::vector<torch::Tensor> bottleneck_forward(torch::Tensor q, std::vector<int64_t> offsets, torch::Tensor k,
+                                              torch::Tensor v, torch::Tensor key_valid,
+                                              std::optional<torch::Tensor> q_valid, double scale);
+std::vector<torch::Tensor> bottleneck_backward(torch::Tensor q, std::vector<int64_t> offsets, torch::Tensor k,
+                                               torch::Tensor v, torch::Tensor key_valid, torch::Tensor lse,
+                                               torch::Tensor delta, torch::Tensor dout, double scale);
+std::vector<torch::Tensor> bottleneck_forward_list(std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ks,
+                                                   std::vector<torch::Tensor> vs,
+                                                   std::optional<torch::Tensor> key_valid,
+                                                   std::vector<std::optional<torch::Tensor>> q_valids,
+                                                   double scale);
+std::vector<torch::Tensor> bottleneck_backward_list(std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ks,
+                                                    std::vector<torch::Tensor> vs,
+                                                    std::optional<torch::Tensor> key_valid,
+                                                    std::vector<torch::Tensor> lses,
+                                                    std::vector<torch::Tensor> douts, double scale);
 }  // namespace msa_fast
 
 namespace {
@@ -573,90 +590,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
   return {dq, dk, dv};
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Bottleneck exchange: q (B,H,Lq,D) with M segments (offsets M+1), k/v (B,H,M,K,D); segment m attends to k[:,:,m].
-std::vector<torch::Tensor> bottleneck_forward(torch::Tensor q, std::vector<int64_t> offsets, torch::Tensor k,
-                                              torch::Tensor v, torch::Tensor key_valid,
-                                              std::optional<torch::Tensor> q_valid, double scale) {
-  for (const auto& [t, n] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{key_valid, "key_valid"}})
-    check_cpu(t, n);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), M = k.size(2), K = k.size(3);
-  TORCH_CHECK(int64_t(offsets.size()) == M + 1 && offsets.front() == 0 && offsets.back() == Lq,
-              "q_offsets must have M+1 entries running 0..Lq");
-  TORCH_CHECK(key_valid.scalar_type() == torch::kBool && key_valid.size(0) == B && key_valid.size(1) == K,
-              "key_valid must be bool (B, K)");
-  const bool has_qv = q_valid.has_value() && q_valid->defined();
-  if (has_qv) check_cpu(*q_valid, "q_valid");
-  auto out = maybe_poison(torch::empty_like(q));
-  auto lse = maybe_poison(torch::empty({B, H, Lq}, q.options()));
-  dispatch_float(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-    const bool* kv = key_valid.data_ptr<bool>();
-    const bool* qv = has_qv ? q_valid->data_ptr<bool>() : nullptr;
-    T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
-    // tasks: (bh, query block) with blocks aligned to segments
-    std::vector<int64_t> blk_seg, blk_start;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i0 = offsets[m]; i0 < offsets[m + 1]; i0 += BM) {
-        blk_seg.push_back(m);
-        blk_start.push_back(i0);
-      }
-    const int64_t nb = int64_t(blk_seg.size());
-#pragma omp parallel
-    {
-      Scratch<T> sc{int(D)};
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t task = 0; task < B * H * nb; ++task) {
-        const int64_t bh = task / nb, b = bh / H, blk = task % nb, m = blk_seg[blk], i0 = blk_start[blk];
-        const int nr = int(std::min<int64_t>(BM, offsets[m + 1] - i0));
-        const int64_t koff = ((bh * M) + m) * K * D;
-        attend_rows_fwd<T>(qp + (bh * Lq + i0) * D, nr, qv ? qv + b * Lq + i0 : nullptr, kp + koff, vp + koff,
-                           kv + b * K, int(K), int(D), T(scale), op + (bh * Lq + i0) * D, lp + bh * Lq + i0, sc);
-      }
-    }
-  });
-  return {out, lse};
-}
-
-std::vector<torch::Tensor> bottleneck_backward(torch::Tensor q, std::vector<int64_t> offsets, torch::Tensor k,
-                                               torch::Tensor v, torch::Tensor key_valid, torch::Tensor lse,
-                                               torch::Tensor delta, torch::Tensor dout, double scale) {
-  for (const auto& [t, n] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{key_valid, "key_valid"},
-                       std::pair{lse, "lse"}, std::pair{delta, "delta"}, std::pair{dout, "dout"}})
-    check_cpu(t, n);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), M = k.size(2), K = k.size(3);
-  TORCH_CHECK(int64_t(offsets.size()) == M + 1 && offsets.back() == Lq, "q_offsets must run 0..Lq");
-  TORCH_CHECK(lse.numel() == B * H * Lq && delta.numel() == B * H * Lq, "lse/delta must be (B, H, Lq)");
-  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must match q");
-  auto dq = torch::zeros_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
-  dispatch_float(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *dop = dout.data_ptr<T>();
-    const T *lp = lse.data_ptr<T>(), *dlp = delta.data_ptr<T>();
-    const bool* kv = key_valid.data_ptr<bool>();
-    T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
-#pragma omp parallel
-    {
-      Scratch<T> sc{int(D)};
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t bh = 0; bh < B * H; ++bh) {
-        const int64_t b = bh / H;
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t koff = ((bh * M) + m) * K * D;
-          for (int64_t i0 = offsets[m]; i0 < offsets[m + 1]; i0 += BM) {
-            const int nr = int(std::min<int64_t>(BM, offsets[m + 1] - i0));
-            const int64_t qoff = (bh * Lq + i0) * D;
-            attend_rows_bwd<T>(qp + qoff, nr, kp + koff, vp + koff, kv + b * K, int(K), int(D), T(scale),
-                               lp + bh * Lq + i0, dlp + bh * Lq + i0, dop + qoff, dqp + qoff, dkp + koff,
-                               dvp + koff, sc);
-          }
-        }
-      }
-    }
-  });
-  return {dq, dk, dv};
-}
+// Bottleneck exchange: csrc/bottleneck_cpu.cpp (K <= 16 keys need another tiling than this file's 64-key tiles).
 
 // ---------------------------------------------------------------------------------------------------------------
 // Masked mean: x (B,L,D), valid (B,L) bool → (B,D); empty rows → 0.
@@ -722,8 +656,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward,
         "segmented attention forward (optional counter-RNG dropout on P) -> (out, lse, o_src)");
   m.def("attention_backward", &attention_backward, "segmented attention backward (same dropout seed) -> (dq, dk, dv)");
-  m.def("bottleneck_forward", &bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
-  m.def("bottleneck_backward", &bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
+  m.def("bottleneck_forward", &msa_fast::bottleneck_forward, "bottleneck exchange forward -> (out, lse)");
+  m.def("bottleneck_backward", &msa_fast::bottleneck_backward, "bottleneck exchange backward -> (dq, dk, dv)");
+  m.def("bottleneck_forward_list", &msa_fast::bottleneck_forward_list,
+        "bottleneck exchange forward, one tensor per modality -> outs (M) + lses (M)");
+  m.def("bottleneck_backward_list", &msa_fast::bottleneck_backward_list,
+        "bottleneck exchange backward, one tensor per modality (delta in-kernel) -> dqs (M) + dks (M) + dvs (M)");
   m.def("dropout_apply", &msa_fast::dropout_apply, "x * keep(seed, n) / (1 - p) (counter RNG; also the backward)");
   m.def("row_topk", &msa_fast::row_topk, "row-wise top-k over column ranges -> (values, columns), best first");
   m.def("masked_mean_forward", &masked_mean_forward, "masked mean forward");

@@ -75,6 +75,29 @@ def bottleneck_backward(q, q_offsets, k, v, key_valid, q_valid, scale, lse, delt
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def bottleneck_forward_list(qs: Sequence[Tensor], ks: Sequence[Tensor], vs: Sequence[Tensor],
+                            key_valid: Optional[Tensor], q_valids: Sequence[Optional[Tensor]], scale: float):
+    """One tensor per modality (no concatenation): qs[m] (B, H, L_m, D), ks[m] / vs[m] (B, H, K, D), key_valid
+    (B, K) bool or None (every key valid), q_valids[m] (B, L_m) bool or None → (outs [M], lses [M] (B, H, L_m))."""
+    dt = _kdtype(qs[0])
+    M = len(qs)
+    res = _lib().bottleneck_forward_list([_c(q, dt) for q in qs], [_c(k, dt) for k in ks], [_c(v, dt) for v in vs],
+                                         None if key_valid is None else key_valid.contiguous(),
+                                         [None if m is None else m.contiguous() for m in q_valids], float(scale))
+    return [o.to(q.dtype) for o, q in zip(res[:M], qs)], res[M:]
+
+
+def bottleneck_backward_list(qs, ks, vs, key_valid, scale, lses, douts):
+    """→ (dqs, dks, dvs), lists of M; delta = rowsum(dout ∘ out) is computed in the kernel (no ``out`` needed)."""
+    dt = _kdtype(qs[0])
+    M = len(qs)
+    res = _lib().bottleneck_backward_list([_c(q, dt) for q in qs], [_c(k, dt) for k in ks], [_c(v, dt) for v in vs],
+                                          None if key_valid is None else key_valid.contiguous(),
+                                          [_c(x, dt) for x in lses], [_c(g, dt) for g in douts], float(scale))
+    return ([g.to(q.dtype) for g, q in zip(res[:M], qs)], [g.to(k.dtype) for g, k in zip(res[M:2 * M], ks)],
+            [g.to(v.dtype) for g, v in zip(res[2 * M:], vs)])
+
+
 def masked_mean_forward(x: Tensor, valid: Tensor) -> Tensor:
     return _lib().masked_mean_forward(_c(x, _kdtype(x)), valid.contiguous()).to(x.dtype)
 
@@ -84,5 +107,6 @@ def masked_mean_backward(x: Tensor, valid: Tensor, dout: Tensor) -> Tensor:
 
 
 attention = SimpleNamespace(forward=attention_forward, backward=attention_backward, supports_dropout=True)
-bottleneck_exchange = SimpleNamespace(forward=bottleneck_forward, backward=bottleneck_backward)
+bottleneck_exchange = SimpleNamespace(forward=bottleneck_forward, backward=bottleneck_backward,
+                                      forward_list=bottleneck_forward_list, backward_list=bottleneck_backward_list)
 masked_mean = SimpleNamespace(forward=masked_mean_forward, backward=masked_mean_backward)
