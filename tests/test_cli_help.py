@@ -32,6 +32,7 @@ COMMAND_PATHS = [
     ("bench", "retrieval"),
     ("bench", "models"),
     ("bench", "scaling"),
+    ("bench", "official"),
     pytest.param(("train",), marks=_NO_TRAIN_ARGS),
     pytest.param(("eval",), marks=_NO_TRAIN_ARGS),
     ("models",),

@@ -1,4 +1,5 @@
-"""msa-fast bench {ops,retrieval,models,scaling}: micro-benchmarks with ratios against the PyTorch reference.
+"""msa-fast bench {ops,retrieval,models,scaling,official}: micro-benchmarks with ratios against the PyTorch reference
+(and, ``official``, against a user's checkout of the official code, side by side).
 
 Each suite lives in its own module (``ops.py``, ``retrieval.py``, ``models.py``) exposing
 ``add_arguments(parser)`` and ``main(args) -> int`` (rows printed as a table); the same setup factories
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import resource
 
-SUITES = ("ops", "retrieval", "models", "scaling")
+SUITES = ("ops", "retrieval", "models", "scaling", "official")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..cli import doc_description, first_paragraph
 
-    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models | scaling)",
+    p = sub.add_parser("bench", help="run micro-benchmarks (ops | retrieval | models | scaling | official)",
                        description="Micro-benchmarks of msa_fast against the PyTorch reference: the fused ops "
                                    "(ops), memory-bank search and partner / in-batch retrieval (retrieval), and "
-                                   "whole models, forward and training step (models), data-parallel training on 1 vs N processes (scaling). Timings on a shared machine "
+                                   "whole models, forward and training step (models), data-parallel training on 1 vs N processes (scaling), "
+                                   "the official code's training step side by side with ours (official). Timings on a shared machine "
                                    "are noisy: compare ratios.")
     suites = p.add_subparsers(dest="suite", metavar="SUITE", title="suites")
     suites.required = True
@@ -244,3 +248,24 @@ def plot_speedups(rows: list[dict], path: str, title: str | None = None) -> list
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return ratios
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (MB): ``VmHWM`` of /proc/self/status where it exists, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` first: on Linux it survives fork + exec, so a subprocess started by a process that holds
+    1 GB reports at least 1 GB whatever it does itself; ``VmHWM`` belongs to the address space the exec created."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

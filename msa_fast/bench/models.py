@@ -28,7 +28,8 @@ fused kernels are opaque to the counter; the arithmetic is the same), ``gflops``
 ``gemm_frac`` = that over this process's measured fp32 GEMM rate (best of five 1024³ matmuls, CPU): how close the
 step runs to the machine's GEMM ceiling.
 Memory, measured honestly per case: every case runs in a **fresh subprocess** (no allocator state or cached
-buffers shared between cases). ``peak_rss_mb`` = the process's ``ru_maxrss`` after the timed calls (whole process:
+buffers shared between cases). ``peak_rss_mb`` = the process's peak RSS (``VmHWM``, not ``ru_maxrss``, which keeps
+the parent's peak across fork + exec) after the timed calls (whole process:
 Python, torch, the model, the batch); ``delta_mb`` = ``peak_rss_mb`` − RSS right after setup, the extra memory the
 calls needed (a lower bound when setup itself peaked higher). On CUDA ``cuda_peak_mb`` =
 ``torch.cuda.max_memory_allocated`` during the calls. ``--in-process`` skips the subprocesses (faster, no memory
@@ -40,7 +41,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -130,11 +130,6 @@ def build_case(model_name: str, variant: str, batch_size: int = 16, dataset: str
     return model.to(device), batch.to(device)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median / min milliseconds of ``repeats`` calls of ``mode`` after ``warmup`` calls."""
     import torch
@@ -147,19 +142,7 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
             with torch.no_grad():
                 model(batch)
     elif mode == "train":
-        model.train()
-        model.prepare_epoch(1, batch)  # the batch is the whole "train split" (DashFusion's partner pools)
-        from ..train.config import TrainConfig
-        from ..train.optim import OptimizerSet
-
-        # the trainer's update, for every backend: the model's optimizers / groups and its gradient clipping
-        cfg = TrainConfig().resolve(model.config)
-        optim = OptimizerSet(model, cfg, steps_per_epoch=1)
-
-        def call():
-            optim.zero_grad()
-            model.training_step(batch)["loss"].backward()
-            optim.clip_and_step(model, cfg)
+        call = train_step_call(model, batch)
     else:
         raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
     for _ in range(warmup):
@@ -179,6 +162,28 @@ def time_case(model, batch, mode: str, repeats: int = 3, warmup: int = 1) -> dic
     if cuda:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def train_step_call(model, batch):
+    """The benchmarks' training step on ``batch`` as a no-argument callable: ``model.train()`` and
+    ``prepare_epoch(1, batch)`` once (the batch is the whole "train split": DashFusion's partner pools), then per call
+    ``training_step`` → backward → the trainer's update — for every backend the model's own optimizers / parameter
+    groups (``msa_fast.train.OptimizerSet``) and its gradient clipping, as ``msa-fast train`` steps. Shared by
+    ``bench models`` and ``bench official`` (msa_fast's side of the side-by-side step)."""
+    model.train()
+    model.prepare_epoch(1, batch)
+    from ..train.config import TrainConfig
+    from ..train.optim import OptimizerSet
+
+    cfg = TrainConfig().resolve(model.config)
+    optim = OptimizerSet(model, cfg, steps_per_epoch=1)
+
+    def call():
+        optim.zero_grad()
+        model.training_step(batch)["loss"].backward()
+        optim.clip_and_step(model, cfg)
+
+    return call
 
 
 def counted_gflop(call) -> Optional[float]:
@@ -218,6 +223,8 @@ def run_case(case: dict) -> Optional[dict]:
 
     import torch
 
+    from . import peak_rss_mb, rss_mb
+
     if case.get("threads"):
         torch.set_num_threads(int(case["threads"]))
     with backend_context(case["backend"]):
@@ -227,9 +234,9 @@ def run_case(case: dict) -> Optional[dict]:
             return None
         model, batch = built
         gc.collect()
-        before = _rss_mb()
+        before = rss_mb()
         result = time_case(model, batch, case["mode"], case["repeats"], case["warmup"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mb()
     result.update(peak_rss_mb=peak, delta_mb=max(0.0, peak - before))
     if not batch.labels.is_cuda and result["gflop"] is not None:
         gemm = gemm_gflops()
