@@ -205,6 +205,7 @@ def test_equal_work_lnln_runs_both_full_passes_on_the_complete_view_the_erasure_
     fast, batch = get_model_class("lnln").bench_inputs(batch_size=4, use_text_features=True)
     equal, _ = get_model_class("lnln").bench_inputs(batch_size=4, use_text_features=True, work="equal")
     assert fast.config["share_complete_pass"] == "auto" and equal.config["share_complete_pass"] == "never"
+    assert fast.config["kept_rows_only"] and not equal.config["kept_rows_only"]
     # features came with the synthetic split and went through the erasure: the complete view keeps them, the
     # incomplete view has the erased tokens' rows zeroed (the features variant once gave both views the same tensor)
     inc, full = batch.text_features, batch.complete.text_features

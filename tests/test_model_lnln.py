@@ -565,3 +565,23 @@ def test_tokens_only_compressor_equals_the_official_first_rows():
     gb = torch.autograd.grad(b, [x, *fast.parameters()], g)
     for u, w in zip(ga, gb):
         torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)
+
+
+def test_kept_rows_only_off_computes_every_row_with_the_same_numbers():
+    """``kept_rows_only=False`` (the official work, used by the equal-work benchmark) and the default give the same
+    loss and gradients on the same weights."""
+    from msa_fast.models.registry import get_model_class
+
+    fast, batch = get_model_class("lnln").bench_inputs(batch_size=2, use_text_features=True)
+    full, _ = get_model_class("lnln").bench_inputs(batch_size=2, use_text_features=True, kept_rows_only=False)
+    full.load_state_dict(fast.state_dict())
+    fast, full, batch = fast.double(), full.double(), batch.to(torch.float64)
+    for m in (fast, full):
+        m.eval()
+    la, lb = (m.loss(batch, m(batch, auxiliary=True))["loss"] for m in (fast, full))
+    torch.testing.assert_close(lb, la, rtol=1e-10, atol=1e-12)
+    ga = torch.autograd.grad(la, list(fast.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(lb, list(full.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb):
+        if u is not None:
+            torch.testing.assert_close(w, u, rtol=1e-8, atol=1e-10)

@@ -9,9 +9,10 @@ features too when ``use_text_features=True`` is among the overrides) through LNL
 (``TokenErasure``: about half the rows keep each modality complete), so the incomplete view is the erased one and
 ``batch.complete`` the original, and ``model.training_step(batch)`` runs the full objective.
 
-``work="equal"``: the official step's two full passes — ``share_complete_pass="never"``, so the complete view goes
-through BERT / the text projection and the audio / vision projections again even where the erasure left a row
-unchanged (``"fast"``: the default ``"auto"`` reuses those rows, same numbers). The model is returned in train mode;
+``work="equal"``: the official step's work — its two full passes (``share_complete_pass="never"``: the complete view
+goes through BERT / the text projection and the audio / vision projections again even where the erasure left a row
+unchanged) and token transformers computing every row before keeping the first ones (``kept_rows_only=False``);
+``"fast"``: the defaults, which skip both (same numbers). The model is returned in train mode;
 ``overrides`` go to the config.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ def setup(batch_size: int = 16, dataset: str = "mosi", full_bert: bool = False, 
 
     if check_work(work) == "equal":
         overrides.setdefault("share_complete_pass", "never")
+        overrides.setdefault("kept_rows_only", False)
     model, complete = model_and_batch("lnln", batch_size, dataset, full_bert, seed, **overrides)
     batch = TokenErasure(seed=seed)(complete, epoch=0, split="train")
     if device is not None:

@@ -41,7 +41,10 @@ views reuse the incomplete pass instead of running BERT / the compressor again; 
 is dropout-free at that moment (eval mode or dropout probabilities 0) — in train mode the official code draws a second,
 independent BERT dropout mask for the complete pass, which reuse would change. ``"always"``: also text in train
 mode (one dropout mask for both views; faster, not the official noise). ``"never"``: the official two full passes.
-(The spec's suggested name was ``share_complete_text_pass``.)
+(The spec's suggested name was ``share_complete_text_pass``.) Second exact win: ``kept_rows_only`` (default True) —
+the token transformers whose output is cut to their first rows (the compressors' T summary tokens, the proxy
+generator's T, the completeness token) compute only those rows in their last layer; False computes every row and
+cuts afterwards, the official work (same numbers; ``msa-fast bench models --work equal`` uses it).
 
 Pipeline bugs of the official code (spec §8b) and where they are fixed — none lives in the model:
 - checkpoints selected on the **test** set, one per metric (author-confirmed, issue #21): the trainer selects on
@@ -107,7 +110,7 @@ def _compressor(in_dim: int, num_frames: int, c: Mapping[str, Any]) -> nn.Sequen
     return nn.Sequential(
         nn.Linear(in_dim, d),
         TokenTransformer(num_frames, c["token_len"], d, c["compressor_depth"], c["heads"], c["mlp_dim"],
-                         c["dim_head"], tokens_only=True))
+                         c["dim_head"], tokens_only=c["kept_rows_only"]))
 
 
 @register("lnln")
@@ -146,6 +149,7 @@ class LNLN(MSAModel):
             "alpha": 0.9, "beta": 0.8, "gamma": 0.1, "sigma": 1.0,  # MultimodalLoss weights
             "completeness_target": "drawn",
             "share_complete_pass": "auto",
+            "kept_rows_only": True,  # False: last token-transformer layers compute every row, as the official code
             # official optimisation recipe (read by the trainer): AdamW over all parameters incl. BERT,
             # linear warm-up over 10 % of the epochs then cosine (official: stepped per epoch; the trainer steps per
             # batch, the same curve at finer granularity)
@@ -177,13 +181,14 @@ class LNLN(MSAModel):
         self.proj_a = _compressor(c["audio_dim"], c["audio_len"], c)
         self.proj_v = _compressor(c["vision_dim"], c["vision_len"], c)
         enc = dict(dim=d, heads=c["heads"], mlp_dim=c["mlp_dim"], dim_head=c["dim_head"])
-        self.proxy_dominate_modality_generator = TokenTransformer(3 * t, t, depth=c["proxy_depth"], tokens_only=True,
+        kept = c["kept_rows_only"]
+        self.proxy_dominate_modality_generator = TokenTransformer(3 * t, t, depth=c["proxy_depth"], tokens_only=kept,
                                                                   **enc)
         self.GRL = GradientReversalLayer(c["grl_alpha"])
         self.effective_discriminator = nn.Sequential(
             nn.Linear(d, c["discriminator_hidden"]), nn.LeakyReLU(0.1), nn.Linear(c["discriminator_hidden"], 2))
         self.completeness_check = nn.ModuleList([
-            TokenTransformer(t, 1, depth=c["completeness_depth"], tokens_only=True, **enc),
+            TokenTransformer(t, 1, depth=c["completeness_depth"], tokens_only=kept, **enc),
             nn.Sequential(nn.Linear(d, d // 2), nn.LeakyReLU(0.1), nn.Linear(d // 2, 1), nn.Sigmoid()),
         ])
         self.reconstructor = nn.ModuleList(
