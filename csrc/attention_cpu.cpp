@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "counter_rng.h"
+#include "cpu_math.h"
 #include "poison.h"
 
 namespace msa_fast {
@@ -80,13 +81,7 @@ inline float vexp(float x) {
   const float xc = std::min(std::max(x, -87.3f), 88.3f);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float p = msa_fast::exp_reduced(r);
   const float scale = __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
   return x < -87.3f ? 0.0f : p * scale;
 }
@@ -452,18 +447,7 @@ void attend_rows_bwd(const T* q, int nr, const T* k, const T* v, const bool* kva
   bwd_impl<T, 0>(q, nr, k, v, kvalid, nk, D, scale, lse, delta, dout, dq, dk, dv, sc, drop, row_base);
 }
 
-// Calls f(T{}) for float / double (a plain lambda, not AT_DISPATCH: #pragma omp cannot sit in a macro argument).
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  if (t == at::kFloat) {
-    f(float(0));
-  } else if (t == at::kDouble) {
-    f(double(0));
-  } else {
-    TORCH_CHECK(false, "msa_fast._C kernels take float32 or float64, got ", t);
-  }
-}
-
+using msa_fast::dispatch_float;
 using msa_fast::maybe_poison;
 
 void check_cpu(const torch::Tensor& t, const char* name) {

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "poison.h"
 
 namespace msa_fast {
@@ -61,6 +62,22 @@ struct Dims {
   const bool* kvalid;  // (B, K), null = every key valid
   double scale;
 };
+
+// The per-modality fields both list entry points share: q / k / v of modality m (contiguous (B, H, L_m, D) and
+// (B, H, K, D)) and the strides between their (b, h) slices.
+template <typename T>
+Seg<T> list_segment(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  Seg<T> s;
+  s.q = q.data_ptr<T>();
+  s.k = k.data_ptr<T>();
+  s.v = v.data_ptr<T>();
+  s.L = q.size(2);
+  s.q_bh = s.L * q.size(3);
+  s.kv_bh = k.size(2) * k.size(3);
+  s.qv_b = s.L;
+  s.lse_bh = s.L;
+  return s;
+}
 
 // ---- float32 fast path -------------------------------------------------------------------------------------------
 typedef float vd __attribute__((vector_size(64)));  // 16 head-dim lanes
@@ -129,13 +146,7 @@ inline typename Vec<N>::f vexp(typename Vec<N>::f x) {
   V n = __builtin_convertvector(__builtin_convertvector(y, VI), V);  // truncation toward zero
   n = n > y ? n - 1.0f : n;                                          // floor (y < 0)
   const V r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const V p = exp_reduced(r);
   const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
   V sc;
   std::memcpy(&sc, &e, sizeof(V));
@@ -593,17 +604,6 @@ void run_backward(const std::vector<Seg<T>>& segs, const Dims& dm) {
   }
 }
 
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  if (t == at::kFloat) {
-    f(float(0));
-  } else if (t == at::kDouble) {
-    f(double(0));
-  } else {
-    TORCH_CHECK(false, "msa_fast._C kernels take float32 or float64, got ", t);
-  }
-}
-
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -643,7 +643,7 @@ std::vector<torch::Tensor> bottleneck_forward(torch::Tensor q, std::vector<int64
   }
   auto out = maybe_poison(torch::empty_like(q));
   auto lse = maybe_poison(torch::empty({B, H, Lq}, q.options()));
-  dispatch(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     std::vector<Seg<T>> segs(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
@@ -684,7 +684,7 @@ std::vector<torch::Tensor> bottleneck_backward(torch::Tensor q, std::vector<int6
   auto dq = maybe_poison(torch::empty_like(q));
   auto dk = maybe_poison(torch::empty_like(k));
   auto dv = maybe_poison(torch::empty_like(v));
-  dispatch(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     std::vector<Seg<T>> segs(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
@@ -743,23 +743,14 @@ std::vector<torch::Tensor> bottleneck_forward_list(std::vector<torch::Tensor> qs
     res[m] = maybe_poison(torch::empty_like(qs[m]));
     res[M + m] = maybe_poison(torch::empty({B, H, qs[m].size(2)}, qs[m].options()));
   }
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
     std::vector<Seg<T>> segs(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
-      Seg<T>& s = segs[m];
-      const int64_t L = qs[m].size(2);
-      s.q = qs[m].data_ptr<T>();
-      s.k = ks[m].data_ptr<T>();
-      s.v = vs[m].data_ptr<T>();
+      Seg<T>& s = segs[m] = list_segment<T>(qs[m], ks[m], vs[m]);
       s.o = res[m].data_ptr<T>();
       s.lse = res[M + m].data_ptr<T>();
       s.qv = q_valids.empty() ? nullptr : opt_bool(q_valids[m]);
-      s.L = L;
-      s.q_bh = L * D;
-      s.kv_bh = K * D;
-      s.qv_b = L;
-      s.lse_bh = L;
     }
     run_forward<T>(segs, Dims{B, H, K, D, opt_bool(key_valid), scale});
   });
@@ -799,24 +790,16 @@ std::vector<torch::Tensor> bottleneck_backward_list(std::vector<torch::Tensor> q
     res[M + m] = maybe_poison(torch::empty_like(ks[m]));
     res[2 * M + m] = maybe_poison(torch::empty_like(vs[m]));
   }
-  dispatch(dt, [&](auto tag) {
+  dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
     std::vector<Seg<T>> segs(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
-      Seg<T>& s = segs[m];
-      const int64_t L = qs[m].size(2);
-      s.q = qs[m].data_ptr<T>();
-      s.k = ks[m].data_ptr<T>();
-      s.v = vs[m].data_ptr<T>();
+      Seg<T>& s = segs[m] = list_segment<T>(qs[m], ks[m], vs[m]);
       s.lse = lses[m].data_ptr<T>();
       s.dout = douts[m].data_ptr<T>();
       s.dq = res[m].data_ptr<T>();
       s.dk = res[M + m].data_ptr<T>();
       s.dv = res[2 * M + m].data_ptr<T>();
-      s.L = L;
-      s.q_bh = L * D;
-      s.kv_bh = K * D;
-      s.lse_bh = L;
     }
     run_backward<T>(segs, Dims{B, H, K, D, opt_bool(key_valid), scale});
   });

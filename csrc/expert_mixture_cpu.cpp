@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
 #include "poison.h"
 
 namespace msa_fast {
@@ -38,13 +39,7 @@ inline float fast_expf(float x) {
   const float fn = std::nearbyint(x * 1.44269504088896341f);
   float r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float p = exp_reduced(r);
   const int32_t n = static_cast<int32_t>(fn);
   int32_t bits = (n + 127) << 23;
   float scale;
