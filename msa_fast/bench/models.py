@@ -317,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
     rows = run(args)
     print(format_table(rows))
     print(f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto; "
-          "memory = per-case subprocess ru_maxrss)" if not args.in_process else
+          "memory = per-case subprocess peak RSS (VmHWM))" if not args.in_process else
           f"(median of {args.repeats} calls after {args.warmup} warm-up; {args.device}; speedup = torch / auto)")
     write_outputs(args, rows)  # --json / --csv / --plot (shared: msa_fast.bench.write_outputs)
     return 0
