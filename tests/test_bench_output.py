@@ -259,3 +259,29 @@ def test_gemm_bound_says_how_far_any_same_flop_kernel_could_beat_eager():
     assert out["floor_ms"] == pytest.approx(10.0) and out["gemm_frac"] == pytest.approx(0.5)
     assert out["eager/floor"] == pytest.approx(3.0)
     assert gemm_bound(None, 200.0, row) == {} and gemm_bound(0.0, 200.0, row) == {}
+
+
+def test_model_rows_peak_memory_excludes_the_flop_count():
+    """The FLOP count runs the torch reference composition (DashFusion: materialised attention matrices, ~10 GB at
+    B = 16): the row's peak RSS is read before it. Fresh process: a long test session's freed heap would hide
+    the allocation from the RSS."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+import msa_fast.bench.models as bm
+from msa_fast.bench import peak_rss_mb
+
+def greedy_count(call):
+    x = torch.ones(96 * 2**20)  # 384 MB touched
+    return float(x[0])
+
+bm.counted_gflop = greedy_count
+model, batch = bm.build_case("hme", "features", batch_size=2)
+out = bm.time_case(model, batch, "forward", repeats=1, warmup=0)
+assert out["gflop"] == 1.0, out
+assert peak_rss_mb() - out["peak_rss_mb"] > 250, (peak_rss_mb(), out)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -101,12 +101,14 @@ def test_auto_inference_route_matches_reference():
 
 def test_auto_routes_to_sdpa_where_it_measured_faster():
     """The measured routing table of ``auto`` on CPU (msa_fast.ops.multi_source_attention): several sources at
-    D >= 64 in every mode, unmasked or inference calls at D <= 16; masked D 32 / single-source D 64 training stay."""
-    from msa_fast.ops.multi_source_attention import sdpa_route_applies
+    D >= 64 in every mode, unmasked or inference calls at D <= 16 over >= 256 keys; masked D 32 / single-source D 64
+    training and short key sets at D <= 16 stay on the C++ kernel."""
+    from msa_fast.ops.multi_source_attention import SDPA_SMALL_HEAD_DIM_MIN_KEYS, sdpa_route_applies
 
-    def tensors(d, grad):
+    def tensors(d, grad, keys=SDPA_SMALL_HEAD_DIM_MIN_KEYS):
         q = torch.randn(2, 2, 8, d, requires_grad=grad)
-        return q, [q, torch.randn(2, 2, 12, d), torch.randn(2, 2, 12, d)]
+        return q, [q, torch.randn(2, 2, 12, d), torch.randn(2, 2, 12, d), torch.randn(2, 2, keys, d),
+                   torch.randn(2, 2, keys, d)]
 
     q, ts = tensors(64, True)
     assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
@@ -117,5 +119,9 @@ def test_auto_routes_to_sdpa_where_it_measured_faster():
     assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=False, n_sources=2)
     with torch.no_grad():
         assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
+    q, ts = tensors(16, True, keys=SDPA_SMALL_HEAD_DIM_MIN_KEYS - 1)  # short key sets: the C++ kernel measured faster
+    assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
+    with torch.no_grad():
+        assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
     q, ts = tensors(32, True)
     assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)

@@ -34,14 +34,21 @@ SDPA_MIN_QUERY_ROWS = 256
 #: at D 64, masked or not, forward and forward+backward, where single-source D 64 calls are even (0.85-1.03).
 SDPA_MULTI_SOURCE_MIN_HEAD_DIM = 64
 
+#: ... and the small-head-dim rule (inference, or training without masks, at D <= SDPA_MAX_HEAD_DIM) only when a
+#: source has at least this many keys: measured (quiet machine, 2 threads, B 16, H 8, 50 query rows, unmasked,
+#: paired) SDPA / C++ = 1.3-1.9 with 50-128 keys (D 12 / 16, fwd and fwd+bwd: C++ faster, e.g. HME's 50-token MulT
+#: self-attention at D 12: 1.16 vs 2.2 ms fwd+bwd), 0.81-1.0 from 256 keys on (SDPA equal or faster).
+SDPA_SMALL_HEAD_DIM_MIN_KEYS = 256
+
 
 def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Tensor], unmasked: bool = False,
                        n_sources: int = 1) -> bool:
     """True when a plain backend="auto" (no use_backend / env override) picked the C++ backend for an fp32/fp64
     call where SDPA measured faster: long query and key sets (``SDPA_MIN_QUERY_ROWS``); several sources at a large
-    head dim (``SDPA_MULTI_SOURCE_MIN_HEAD_DIM``); with a small head dim, inference calls and training calls without
-    any mask (SDPA's unmasked fused backward beat the C++ kernel there: 17.7 vs 23.8 ms fwd+bwd at D = 16 for one
-    source, 28.9 vs 39.8 ms for two). Callers never route dropout here."""
+    head dim (``SDPA_MULTI_SOURCE_MIN_HEAD_DIM``); with a small head dim and a long key set
+    (``SDPA_SMALL_HEAD_DIM_MIN_KEYS``), inference calls and training calls without any mask (SDPA's unmasked fused
+    backward beat the C++ kernel there: 17.7 vs 23.8 ms fwd+bwd at D = 16 for one source over 501 keys, 28.9 vs
+    39.8 ms for two). ``tensors`` = [q, k_1, v_1, ...]. Callers never route dropout here."""
     if backend != "auto" or name != "cpp" or _dispatch._override() is not None:
         return False
     if q.dtype not in (torch.float32, torch.float64):
@@ -50,7 +57,7 @@ def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Ten
         return True
     if n_sources > 1 and q.shape[-1] >= SDPA_MULTI_SOURCE_MIN_HEAD_DIM:
         return True
-    if not 0 < q.shape[-1] <= SDPA_MAX_HEAD_DIM:
+    if not 0 < q.shape[-1] <= SDPA_MAX_HEAD_DIM or max(t.shape[2] for t in tensors[1:]) < SDPA_SMALL_HEAD_DIM_MIN_KEYS:
         return False
     return unmasked or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
