@@ -6,6 +6,7 @@ time (the official code is never part of msa_fast).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 import sys
@@ -212,7 +213,7 @@ def no_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------ adapter API
-class OfficialAdapter:
+class OfficialAdapter(abc.ABC):
     """One method's official side. Subclasses set the class attributes and implement the four steps."""
 
     method = ""
@@ -235,16 +236,20 @@ class OfficialAdapter:
         """Config overrides of our model for the variant (beyond ``work="equal"``)."""
         return {"use_text_features": True} if features else {}
 
+    @abc.abstractmethod
     def build(self, bert_config: Mapping[str, Any], features: bool, seed: int) -> nn.Module:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def inputs(self, batch, features: bool, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def predict(self, model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
         """The official prediction (B,) of an eval-mode forward (dropout off, deterministic), no grad."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def make_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> Callable[[], Any]:
         """The official training step on ``inputs`` as a no-argument callable (optimizer built once)."""
         raise NotImplementedError

@@ -71,7 +71,7 @@ def _extended_attention_mask(self, attention_mask: Tensor, input_shape, device=N
 def _head_mask(self, head_mask, num_hidden_layers: int, is_attention_chunked: bool = False):
     """transformers-4.30 ``get_head_mask`` without a head mask: None per layer."""
     if head_mask is not None:
-        raise NotImplementedError("head masks are not used by the official HME step")
+        raise ValueError("head_mask: the official HME step passes none; this stand-in supports only None")
     return [None] * num_hidden_layers
 
 
