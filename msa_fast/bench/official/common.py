@@ -238,21 +238,21 @@ class OfficialAdapter(abc.ABC):
 
     @abc.abstractmethod
     def build(self, bert_config: Mapping[str, Any], features: bool, seed: int) -> nn.Module:
-        raise NotImplementedError
+        ...
 
     @abc.abstractmethod
     def inputs(self, batch, features: bool, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
     @abc.abstractmethod
     def predict(self, model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
         """The official prediction (B,) of an eval-mode forward (dropout off, deterministic), no grad."""
-        raise NotImplementedError
+        ...
 
     @abc.abstractmethod
     def make_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> Callable[[], Any]:
         """The official training step on ``inputs`` as a no-argument callable (optimizer built once)."""
-        raise NotImplementedError
+        ...
 
     def step_extras(self, ours: nn.Module, batch) -> dict[str, Any]:
         """What the official step needs from our side to see the same inputs (DashFusion: the partner rows our
