@@ -11,7 +11,7 @@ import torch
 
 from msa_fast.data.dataset import make_loader
 from msa_fast.data.synthetic import synthetic
-from msa_fast.train.dist import GlobalBatchShards, loss_weight
+from msa_fast.train.dist import GlobalBatchShards, leave_process_group, loss_weight
 
 
 def test_one_rank_walks_the_single_process_batches():
@@ -150,3 +150,22 @@ def test_mmcl_is_refused_under_several_ranks(tmp_path):
     proc, _ = _train(tmp_path, 2, model="mmcl", epochs=1)
     assert proc.returncode == 2
     assert "does not gather them across ranks" in proc.stderr and "2 of 2 ranks failed" in proc.stderr
+
+
+@pytest.mark.parametrize("completed", [True, False])
+def test_leaving_the_group_meets_the_other_ranks_only_after_normal_completion(monkeypatch, completed):
+    """A rank that finished normally waits in a barrier before destroying the group (gloo's worker threads release
+    the last collective's tensors after it returned; finalising the interpreter then aborted 1 run in ~15); a rank
+    that failed must not wait for peers that may never come."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    leave_process_group(completed)
+    assert calls == (["barrier", "destroy"] if completed else ["destroy"])
+
+
+def test_leaving_without_a_group_does_nothing(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("barrier without a group"))
+    leave_process_group(True)

@@ -61,6 +61,7 @@ def _rank_main(spec: dict) -> None:
 
     torch.set_num_threads(1)
     ctx = init_from_env("cpu")
+    completed = False
     try:
         overrides = {"use_text_features": True} if spec["full"] else smoke_model_overrides(spec["model"])
         config = get_config(spec["model"], "mosi", **overrides)
@@ -85,8 +86,9 @@ def _rank_main(spec: dict) -> None:
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             with open(spec["out"], "w") as f:
                 json.dump({"seconds": seconds, "comm": comm[0] + distributed.comm_seconds[0], "params": params}, f)
+        completed = True
     finally:
-        leave_process_group()
+        leave_process_group(completed)
 
 
 def _timed_allreduce_hook(state, bucket):  # no annotations: DDP checks them against its own types

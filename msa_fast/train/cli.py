@@ -57,6 +57,7 @@ def main_train(args: argparse.Namespace) -> int:
         config["cross_sample"] = args.cross_sample
     if getattr(args, "protocol", "standard") == "dg" or getattr(args, "source", None) or getattr(args, "target", None):
         return _main_train_dg(args, config)
+    completed = False
     try:
         run(args.model, args.dataset, config_file=args.config, config=config, seeds=args.seeds, data=args.data,
             missing=args.missing, missing_train=args.missing_train, epochs=args.epochs, batch_size=args.batch_size,
@@ -65,8 +66,9 @@ def main_train(args: argparse.Namespace) -> int:
             n_valid=args.n_valid, n_test=args.n_test, select_on=args.select_on, trust_pickle=args.trust_pickle,
             allow_label_range=args.allow_label_range, save_predictions=args.save_predictions,
             smoke=smoke_requested(args))
+        completed = True
     finally:
-        leave_process_group()
+        leave_process_group(completed)
     return 0
 
 

@@ -95,11 +95,21 @@ def init_from_env(device: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIM
     return DistContext.current()
 
 
-def leave_process_group() -> None:
-    """Destroy the process group this process joined (``init_from_env``) before the interpreter exits: a gloo group
-    left to the exit-time destructors can abort the process ("terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def leave_process_group(completed: bool = True) -> None:
+    """Leave the process group this process joined (``init_from_env``) before the interpreter exits.
+
+    ``completed`` (this rank's work ended normally, so every rank reaches this point): all ranks first meet in a
+    barrier. Why: gloo's worker thread releases the tensors of a finished collective *after* the caller has returned,
+    and releasing a tensor that Python no longer references needs the GIL; a rank that finalises the interpreter in
+    that window aborts ("terminate called without an active exception", measured on 1 in ~15 two-rank DashFusion
+    runs). Waiting in the barrier hands the GIL to that thread. ``destroy_process_group`` alone does not stop the
+    threads: in torch 2.13 a group that once had a ``DistributedDataParallel`` on it keeps its worker threads past
+    the destroy. A rank that failed skips the barrier (its peers may never arrive; torchrun stops them)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if completed:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def rank_device(device: str, ctx: DistContext) -> str:
