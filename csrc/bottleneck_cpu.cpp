@@ -55,12 +55,24 @@ struct Seg {
   int64_t kv_bh = 0;   // stride of k / v / dk / dv between (b, h) slices
   int64_t qv_b = 0;    // stride of qv between samples
   int64_t lse_bh = 0;  // stride of lse / delta between (b, h) slices
+
+  // The same view moved to sample b, (b, h) slice bh: every pointer at that slice's first element (null stays null).
+  Seg slice(int64_t b, int64_t bh) const {
+    const auto at = [](auto* p, int64_t n) { return p != nullptr ? p + n : p; };
+    Seg s = *this;
+    s.q = at(q, bh * q_bh), s.o = at(o, bh * q_bh), s.dout = at(dout, bh * q_bh), s.dq = at(dq, bh * q_bh);
+    s.k = at(k, bh * kv_bh), s.v = at(v, bh * kv_bh), s.dk = at(dk, bh * kv_bh), s.dv = at(dv, bh * kv_bh);
+    s.lse = at(lse, bh * lse_bh), s.delta = at(delta, bh * lse_bh);
+    s.qv = at(qv, b * qv_b);
+    return s;
+  }
 };
 
 struct Dims {
   int64_t B, H, K, D;
   const bool* kvalid;  // (B, K), null = every key valid
   double scale;
+  const bool* key_valid(int64_t b) const { return kvalid != nullptr ? kvalid + b * K : nullptr; }
 };
 
 // The per-modality fields both list entry points share: q / k / v of modality m (contiguous (B, H, L_m, D) and
@@ -272,15 +284,14 @@ inline void fwd_rows(const Tile<KP, DV>& t, const float* __restrict q, const boo
 }
 
 template <int KP, int DV>
-void fwd_block_f32(const Seg<float>& sg, const Dims& dm, int64_t b, int64_t bh, int64_t r0, int64_t r1) {
+void fwd_block_f32(const Seg<float>& all, const Dims& dm, int64_t b, int64_t bh, int64_t r0, int64_t r1) {
   constexpr int R = 4;
-  const float* q = sg.q + bh * sg.q_bh;
-  float* o = sg.o + bh * sg.q_bh;
-  float* lse = sg.lse + bh * sg.lse_bh;
-  const bool* qv = sg.qv != nullptr ? sg.qv + b * sg.qv_b : nullptr;
+  const Seg<float> sg = all.slice(b, bh);
+  const float *q = sg.q, *k = sg.k, *v = sg.v;
+  const bool* qv = sg.qv;
+  float *o = sg.o, *lse = sg.lse;
   Tile<KP, DV> t;
-  t.load(sg.k + bh * sg.kv_bh, sg.v + bh * sg.kv_bh, int(dm.K), dm.kvalid ? dm.kvalid + b * dm.K : nullptr,
-         float(dm.scale));
+  t.load(k, v, int(dm.K), dm.key_valid(b), float(dm.scale));
   // lse = m + log(l) in one vectorised pass after the rows (a scalar logf per row costs ~15% of the forward);
   // special rows carry (m, l) = (+inf, 1) → lse = +inf, or (NaN, 1) → NaN
   static_assert(kRowBlock % 16 == 0);
@@ -351,17 +362,13 @@ inline void bwd_rows(const Tile<KP, DV>& t, const typename Vec<KP>::f* vt, const
 }
 
 template <int KP, int DV>
-void bwd_slice_f32(const Seg<float>& sg, const Dims& dm, int64_t b, int64_t bh) {
+void bwd_slice_f32(const Seg<float>& all, const Dims& dm, int64_t b, int64_t bh) {
   using V = typename Vec<KP>::f;
   constexpr int D = 16 * DV, R = 4, CHUNK = 64;  // dK / dV: per-chunk partial sums, then summed (two-level sum)
-  const float* q = sg.q + bh * sg.q_bh;
-  const float* dout = sg.dout + bh * sg.q_bh;
-  float* dq = sg.dq + bh * sg.q_bh;
-  const float* lse = sg.lse + bh * sg.lse_bh;
-  const float* delta = sg.delta != nullptr ? sg.delta + bh * sg.lse_bh : nullptr;
-  const float* k = sg.k + bh * sg.kv_bh;
-  const float* v = sg.v + bh * sg.kv_bh;
-  const bool* kvalid = dm.kvalid ? dm.kvalid + b * dm.K : nullptr;
+  const Seg<float> sg = all.slice(b, bh);
+  const float *q = sg.q, *dout = sg.dout, *lse = sg.lse, *delta = sg.delta, *k = sg.k, *v = sg.v;
+  float* dq = sg.dq;
+  const bool* kvalid = dm.key_valid(b);
   const int K = int(dm.K);
   const float scale = float(dm.scale);
   Tile<KP, DV> t;  // kt (scores), keep; vr is reused for the unscaled k rows (dQ = dS K)
@@ -390,8 +397,7 @@ void bwd_slice_f32(const Seg<float>& sg, const Dims& dm, int64_t b, int64_t bh) 
         dv[j][c] += pv[j][c];
       }
   }
-  float* dkp = sg.dk + bh * sg.kv_bh;
-  float* dvp = sg.dv + bh * sg.kv_bh;
+  float *dkp = sg.dk, *dvp = sg.dv;
   for (int j = 0; j < K; ++j)
     for (int c = 0; c < DV; ++c) {
       store_d(dkp + size_t(j) * D + 16 * c, dk[j][c]);
@@ -406,17 +412,15 @@ inline T exp_t(T x) {
 }
 
 template <typename T>
-void fwd_block_generic(const Seg<T>& sg, const Dims& dm, int64_t b, int64_t bh, int64_t r0, int64_t r1,
+void fwd_block_generic(const Seg<T>& all, const Dims& dm, int64_t b, int64_t bh, int64_t r0, int64_t r1,
                        std::vector<T>& s) {
   const int64_t K = dm.K, D = dm.D;
   const T inf = std::numeric_limits<T>::infinity();
-  const T* q = sg.q + bh * sg.q_bh;
-  const T* k = sg.k + bh * sg.kv_bh;
-  const T* v = sg.v + bh * sg.kv_bh;
-  T* o = sg.o + bh * sg.q_bh;
-  T* lse = sg.lse + bh * sg.lse_bh;
-  const bool* qv = sg.qv != nullptr ? sg.qv + b * sg.qv_b : nullptr;
-  const bool* kv = dm.kvalid ? dm.kvalid + b * K : nullptr;
+  const Seg<T> sg = all.slice(b, bh);
+  const T *q = sg.q, *k = sg.k, *v = sg.v;
+  T *o = sg.o, *lse = sg.lse;
+  const bool* qv = sg.qv;
+  const bool* kv = dm.key_valid(b);
   s.resize(size_t(K));
   for (int64_t i = r0; i < r1; ++i) {
     const T* qi = q + i * D;
@@ -459,20 +463,14 @@ void fwd_block_generic(const Seg<T>& sg, const Dims& dm, int64_t b, int64_t bh, 
 }
 
 template <typename T>
-void bwd_slice_generic(const Seg<T>& sg, const Dims& dm, int64_t b, int64_t bh, std::vector<T>& buf) {
+void bwd_slice_generic(const Seg<T>& all, const Dims& dm, int64_t b, int64_t bh, std::vector<T>& buf) {
   const int64_t K = dm.K, D = dm.D;
   const T inf = std::numeric_limits<T>::infinity();
   const T scale = T(dm.scale);
-  const T* q = sg.q + bh * sg.q_bh;
-  const T* g = sg.dout + bh * sg.q_bh;
-  T* dq = sg.dq + bh * sg.q_bh;
-  const T* lse = sg.lse + bh * sg.lse_bh;
-  const T* delta = sg.delta != nullptr ? sg.delta + bh * sg.lse_bh : nullptr;
-  const T* k = sg.k + bh * sg.kv_bh;
-  const T* v = sg.v + bh * sg.kv_bh;
-  T* dk = sg.dk + bh * sg.kv_bh;
-  T* dv = sg.dv + bh * sg.kv_bh;
-  const bool* kv = dm.kvalid ? dm.kvalid + b * K : nullptr;
+  const Seg<T> sg = all.slice(b, bh);
+  const T *q = sg.q, *g = sg.dout, *lse = sg.lse, *delta = sg.delta, *k = sg.k, *v = sg.v;
+  T *dq = sg.dq, *dk = sg.dk, *dv = sg.dv;
+  const bool* kv = dm.key_valid(b);
   std::fill(dk, dk + K * D, T(0));
   std::fill(dv, dv + K * D, T(0));
   buf.assign(size_t(2 * K + 2 * K * D), T(0));
