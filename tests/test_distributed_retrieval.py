@@ -11,6 +11,7 @@ from msa_fast.distributed import BatchScope, encode_batches_sharded, shard_bound
 from msa_fast.retrieval.index import Index
 from msa_fast.retrieval.memory_bank import MemoryBank
 from msa_fast.retrieval.sharded import ShardedIndex, ShardedMemoryBank
+from msa_fast.train.dist import leave_process_group
 
 WORLD = 2
 
@@ -18,11 +19,13 @@ WORLD = 2
 def _worker(rank: int, fn_name: str, init: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    completed = False
     try:
         result = globals()[fn_name](rank)
         torch.save(result, f"{out}.{rank}")
+        completed = True
     finally:
-        torch.distributed.destroy_process_group()
+        leave_process_group(completed)
 
 
 def _spawn(tmp_path, fn_name: str) -> list:
