@@ -173,6 +173,45 @@ def test_sharded_index_equals_the_single_index_and_ivf_keeps_recall(tmp_path):
     assert results[1]["empty_queries"][0].shape == (0, 10) and results[0]["empty_queries"][0].shape == (3, 10)
 
 
+def _sharded_calibration(rank: int):
+    """Uneven shards (rank 0 holds 2/3, with the tighter clusters): the calibration must be one decision over the
+    merged search, not one per shard."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(24, 16, generator=g) * 1.5
+    x = centers[torch.randint(0, 24, (1500,), generator=g)] + torch.randn(1500, 16, generator=g)
+    x[1000:] += 3.0 * torch.randn(500, 16, generator=g)  # rank 1's vectors: looser clusters
+    # (calibrated alone, an Index over rank 0's vectors picks nprobe 2, over rank 1's 16; over all of them 8)
+    mine = torch.arange(0, 1000) if rank == 0 else torch.arange(1000, 1500)
+    idx = ShardedIndex(16, metric="cosine", kind="ivf_flat", nlist=32, target_recall=0.95, calibration_queries=90)
+    idx.add(x[mine], mine)
+    idx.train()  # trains the shared quantizer, then calibrates (a collective)
+    cal = dict(idx.calibrated)
+    # recount the decision from this rank's calibration queries: hits at the chosen nprobe and at half of it
+    share = -(-90 * len(mine) // 1500)
+    q, excl = idx.local._sample_stored(share)
+    _, truth = idx.search(q, cal["k"], exclude_ids=excl, exact=True)
+    counts = {}
+    for nprobe in {cal["nprobe"], max(cal["nprobe"] // 2, 1)}:
+        idx.local.nprobe = nprobe
+        got = idx.search(q, cal["k"], exclude_ids=excl)[1]
+        counts[nprobe] = (sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth)), truth.numel())
+    return cal, counts, len(q)
+
+
+def test_sharded_calibration_is_one_decision_over_the_merged_search(tmp_path):
+    (cal0, counts0, m0), (cal1, counts1, m1) = _spawn(tmp_path, "_sharded_calibration")
+    assert {k: v for k, v in cal0.items() if k != "seconds"} == {k: v for k, v in cal1.items() if k != "seconds"}
+    assert cal0["queries"] == m0 + m1 == 90 and (m0, m1) == (60, 30)
+    assert cal0["reached"] and cal0["recall"] >= 0.95 and cal0["source"].startswith("stored vectors of every shard")
+    nprobe = cal0["nprobe"]
+    hits = sum(c[nprobe][0] for c in (counts0, counts1))
+    total = sum(c[nprobe][1] for c in (counts0, counts1))
+    assert cal0["recall"] == pytest.approx(hits / total, abs=1e-12)  # the recall of both ranks' queries together
+    if nprobe > 1:  # the cheapest setting: half the lists misses the target
+        half = nprobe // 2
+        assert sum(c[half][0] for c in (counts0, counts1)) / total < 0.95
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ShardedMemoryBank
 # ---------------------------------------------------------------------------------------------------------------

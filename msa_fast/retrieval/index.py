@@ -47,7 +47,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -486,51 +486,15 @@ class Index:
                 raise ValueError("calibration needs at least one query and one stored vector")
             k, q, exclude, source = min(self.calibration_k, n), queries, None, "given queries"
         _, truth = self.search(q, k, exclude_ids=exclude, exact=True)
-        target = float(self.target_recall)
-        nlist = int(self.nlist or 1)
-        probes = [1 << i for i in range(max(nlist - 1, 0).bit_length()) if (1 << i) < nlist] + [nlist]
-        pq = self.kind == "ivf_pq"
-        refines = [1 << i for i in range(_MAX_REFINE.bit_length()) if (1 << i) <= _MAX_REFINE] if pq else [self.refine]
 
-        def measure(nprobe: int, refine: int) -> float:
+        def recall_at(nprobe: int, refine: int) -> float:
             self.nprobe, self.refine = nprobe, refine
             return _recall(self.search(q, k, exclude_ids=exclude)[1], truth)
 
-        best: Optional[tuple[float, int, int]] = None
-        reached = False
-        for nprobe in probes:
-            r = measure(nprobe, refines[-1])
-            if best is None or r > best[0]:
-                best = (r, nprobe, refines[-1])
-            if r >= target:
-                reached = True
-                for refine in refines[:-1]:  # the smallest refine that also reaches the target at this nprobe
-                    r_small = measure(nprobe, refine)
-                    if r_small >= target:
-                        best = (r_small, nprobe, refine)
-                        break
-                else:
-                    best = (r, nprobe, refines[-1])
-                break
-        assert best is not None
-        recall, self.nprobe, self.refine = best
+        recall, reached = calibration_sweep(self, recall_at)
         per_query = _recall(self.search(q, k, exclude_ids=exclude)[1], truth, per_query=True)
         stderr = float(per_query.std()) / math.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
-        self.calibrated = {"nprobe": self.nprobe, "refine": self.refine if pq else None, "recall": recall,
-                           "stderr": stderr, "queries": int(q.shape[0]), "k": k, "target": target, "reached": reached,
-                           "source": source, "seconds": time.perf_counter() - t0}
-        if not reached:
-            warnings.warn(
-                f"target_recall={target} not reached: the best setting (nprobe={self.nprobe} of nlist={nlist}"
-                + (f", refine={self.refine}" if pq else "") + f") reaches recall@{k} = {recall:.3f} on "
-                f"{q.shape[0]} calibration queries. Exact search is the better choice here: use kind='flat' "
-                + ("(or a larger pq_m / pq_nbits) " if pq else "") + "or lower target_recall.", UserWarning,
-                stacklevel=3)
-        elif self.nprobe == nlist and nlist > 1:
-            warnings.warn(
-                f"target_recall={target} needs nprobe = nlist = {nlist} (recall@{k} = {recall:.3f}): the IVF scans "
-                "every list, so exact search (kind='flat') is as accurate and faster; the data has no cluster "
-                "structure IVF can use at this target.", UserWarning, stacklevel=3)
+        self.calibrated = calibration_report(self, recall, reached, stderr, int(q.shape[0]), k, source, t0)
         return self.calibrated
 
     def _exact_calibration(self) -> Optional[dict]:
@@ -726,10 +690,68 @@ def _check_target_recall(r: Any) -> Optional[float]:
     return float(r)
 
 
+def calibration_sweep(index: "Index", recall_at: Callable[[int, int], float]) -> tuple[float, bool]:
+    """The cheapest setting of ``index`` (an IVF kind) whose ``recall_at(nprobe, refine)`` reaches its
+    ``target_recall``: nprobe through the powers of two up to nlist; for IVF-PQ, refine = 32 first and, at the first
+    nprobe that reaches the target, the smallest power-of-two refine that does. Leaves that setting (or, if none
+    reaches the target, the best one tried) in ``index.nprobe`` / ``index.refine``; returns (recall, reached)."""
+    target = float(index.target_recall)
+    nlist = int(index.nlist or 1)
+    probes = [1 << i for i in range(max(nlist - 1, 0).bit_length()) if (1 << i) < nlist] + [nlist]
+    pq = index.kind == "ivf_pq"
+    refines = [1 << i for i in range(_MAX_REFINE.bit_length()) if (1 << i) <= _MAX_REFINE] if pq else [index.refine]
+    best: Optional[tuple[float, int, int]] = None
+    reached = False
+    for nprobe in probes:
+        r = recall_at(nprobe, refines[-1])
+        if best is None or r > best[0]:
+            best = (r, nprobe, refines[-1])
+        if r >= target:
+            reached = True
+            for refine in refines[:-1]:  # the smallest refine that also reaches the target at this nprobe
+                r_small = recall_at(nprobe, refine)
+                if r_small >= target:
+                    best = (r_small, nprobe, refine)
+                    break
+            else:
+                best = (r, nprobe, refines[-1])
+            break
+    assert best is not None
+    recall, index.nprobe, index.refine = best
+    return recall, reached
+
+
+def calibration_report(index: "Index", recall: float, reached: bool, stderr: float, queries: int, k: int,
+                       source: str, t0: float) -> dict:
+    """``index.calibrated`` for the setting ``calibration_sweep`` left in ``index``; warns when the target was missed
+    or needs every list scanned (exact search is then the better choice)."""
+    target, nlist, pq = float(index.target_recall), int(index.nlist or 1), index.kind == "ivf_pq"
+    if not reached:
+        warnings.warn(
+            f"target_recall={target} not reached: the best setting (nprobe={index.nprobe} of nlist={nlist}"
+            + (f", refine={index.refine}" if pq else "") + f") reaches recall@{k} = {recall:.3f} on "
+            f"{queries} calibration queries. Exact search is the better choice here: use kind='flat' "
+            + ("(or a larger pq_m / pq_nbits) " if pq else "") + "or lower target_recall.", UserWarning,
+            stacklevel=4)
+    elif index.nprobe == nlist and nlist > 1:
+        warnings.warn(
+            f"target_recall={target} needs nprobe = nlist = {nlist} (recall@{k} = {recall:.3f}): the IVF scans "
+            "every list, so exact search (kind='flat') is as accurate and faster; the data has no cluster "
+            "structure IVF can use at this target.", UserWarning, stacklevel=4)
+    return {"nprobe": index.nprobe, "refine": index.refine if pq else None, "recall": recall, "stderr": stderr,
+            "queries": queries, "k": k, "target": target, "reached": reached, "source": source,
+            "seconds": time.perf_counter() - t0}
+
+
+def _hits(ids: Tensor, truth: Tensor) -> Tensor:
+    """(nq, k) bool: true neighbour (truth (nq, k), −1 = none) j of query i is among ids (nq, k)."""
+    return (truth[:, :, None] == ids[:, None, :].to(truth.device)).any(-1) & (truth >= 0)
+
+
 def _recall(ids: Tensor, truth: Tensor, per_query: bool = False) -> Any:
     """Share of the true neighbours (truth (nq, k), −1 = none) found among ids (nq, k); per_query: (nq,) shares."""
     valid = truth >= 0
-    hits = (truth[:, :, None] == ids[:, None, :].to(truth.device)).any(-1) & valid
+    hits = _hits(ids, truth)
     if per_query:
         return hits.sum(1).double() / valid.sum(1).clamp_min(1).double()
     return hits.sum().item() / max(int(valid.sum().item()), 1)

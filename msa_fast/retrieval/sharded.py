@@ -4,7 +4,11 @@ vectors, every rank's queries are answered by all shards and merged.
 - ``ShardedIndex``: an ``Index`` per rank (FAISS GPU when the rank's device is CUDA and faiss sees a GPU, FAISS CPU
   or torch otherwise) over the vectors that rank adds. ``search`` returns what one ``Index`` holding every rank's
   vectors returns (exact kind: the same ids and scores; IVF: one coarse quantizer for every shard, trained by rank 0
-  on a sample drawn from every shard and broadcast, so a query probes the same lists on every shard).
+  on a sample drawn from every shard and broadcast, so a query probes the same lists on every shard). With
+  ``target_recall`` the calibration is a collective too: calibration queries drawn from every shard (proportional to
+  its size, held out of the IVF training sample, own id excluded), searched over all shards, recall@k summed over
+  ranks, so every rank keeps the same ``nprobe`` / ``refine`` and ``calibrated`` reports the recall of the merged
+  search — the one a single ``Index`` over all the vectors would calibrate for.
 - ``ShardedMemoryBank``: the ``MemoryBank`` rule (threshold / k nearest available rows, mean / similarity /
   softmax weights, HME's fallback) with row ``i`` owned by rank ``i % world``; writes are routed to the owners, a
   retrieval aggregates partial sums on each shard and reduces them — the retrieved vectors never travel.
@@ -16,12 +20,14 @@ as their single-process counterparts. Communication per query: ``world · k`` (s
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .index import Index, check_vectors, faiss_or_none, merge_topk
+from .index import Index, _hits, _recall, calibration_report, calibration_sweep, check_vectors, faiss_or_none, merge_topk
 from .memory_bank import WEIGHTINGS, _check_temperature
 
 DeviceLike = Union[str, torch.device]
@@ -130,10 +136,15 @@ class ShardedIndex:
         n = sum(sizes)
         nlist = idx.nlist or _default_nlist_for(n)
         budget = idx.train_size or max(64 * nlist, 40 << idx.pq_nbits if idx.kind == "ivf_pq" else 0)
-        take = min(sizes[rank], -(-budget * sizes[rank] // max(n, 1)))  # this shard's share, rounded up
-        g = torch.Generator().manual_seed(idx.seed * 1_000_003 + rank)
         local = torch.cat([s.x.cpu() for s in idx._shards])
-        sample_local = local[torch.randperm(len(local), generator=g)[:take]]
+        pool = torch.arange(len(local))
+        if idx.target_recall is not None:  # hold this shard's calibration queries out (as Index.train does)
+            keep = torch.ones(len(local), dtype=torch.bool)
+            keep[idx._calibration_positions(len(local), _calibration_share(idx, sizes, rank))] = False
+            pool = pool[keep]
+        take = min(len(pool), -(-budget * sizes[rank] // max(n, 1)))  # this shard's share, rounded up
+        g = torch.Generator().manual_seed(idx.seed * 1_000_003 + rank)
+        sample_local = local[pool[torch.randperm(len(pool), generator=g)[:take]]]
         sample = _all_gather_ragged(sample_local, _all_sizes(len(sample_local)))
         payload: list[Any] = [None]
         if rank == 0:
@@ -153,6 +164,66 @@ class ShardedIndex:
         idx.nlist = nlist
         for s in idx._shards:
             s.adopt_trained(trained)
+        idx.calibrated = None  # a new quantizer: the old setting no longer applies
+        if idx.target_recall is not None and n >= 2:
+            self.calibrate()
+
+    @property
+    def calibrated(self) -> Optional[dict]:
+        """``Index.calibrated`` of the merged search (the same on every rank); None before calibration."""
+        return self.local.calibrated
+
+    def calibrate(self) -> dict:
+        """``Index.calibrate`` over all shards (a collective): each rank draws its share of ``calibration_queries``
+        from its stored vectors (own id excluded), exact ground truth and the candidate settings are searched over
+        every shard, and the recall@k that decides is summed over the ranks. Sets the same ``nprobe`` / ``refine``
+        on every rank and returns ``calibrated``."""
+        idx = self.local
+        rank, world = _group()
+        if world == 1:
+            return idx.calibrate()
+        if idx.target_recall is None:
+            raise ValueError("calibrate() needs a target: ShardedIndex(..., target_recall=0.95)")
+        if not idx.approximate:
+            idx.calibrated = idx._exact_calibration()
+            return idx.calibrated
+        if not idx.is_trained:
+            self.train()  # calibrates
+            return idx.calibrated
+        t0 = time.perf_counter()
+        sizes = _all_sizes(idx.ntotal)
+        n = sum(sizes)
+        if n < 2:
+            raise ValueError(f"calibration needs at least 2 stored vectors over all shards, got {n}")
+        m = _calibration_share(idx, sizes, rank)
+        if m:
+            q, exclude = idx._sample_stored(m)
+        else:
+            q, exclude = torch.zeros(0, self.dim, device=idx.device), torch.zeros(0, dtype=torch.long)
+        k = min(idx.calibration_k, n - 1)
+        idx._calibrating = True  # the local searches below must not calibrate the shard on its own
+        try:
+            _, truth = self.search(q, k, exclude_ids=exclude, exact=True)
+
+            def recall_at(nprobe: int, refine: int) -> float:
+                idx.nprobe, idx.refine = nprobe, refine
+                hits = _hits(self.search(q, k, exclude_ids=exclude)[1], truth)
+                found, valid = (float(v) for v in _all_reduce(
+                    torch.tensor([float(hits.sum()), float((truth >= 0).sum())], dtype=torch.float64)))
+                return found / max(valid, 1.0)
+
+            recall, reached = calibration_sweep(idx, recall_at)
+            per_query = _recall(self.search(q, k, exclude_ids=exclude)[1], truth, per_query=True).cpu()
+            moments = _all_reduce(torch.stack([per_query.new_tensor(float(len(per_query))), per_query.sum(),
+                                               (per_query ** 2).sum()]).double().cpu())
+        finally:
+            idx._calibrating = False
+        count, total, squares = (float(v) for v in moments)
+        var = (squares - total * total / count) / (count - 1) if count > 1 else 0.0
+        stderr = math.sqrt(max(var, 0.0) / count) if count > 1 else 0.0
+        idx.calibrated = calibration_report(idx, recall, reached, stderr, int(count), k,
+                                            "stored vectors of every shard, own id excluded", t0)
+        return idx.calibrated
 
     def search(self, q: Tensor, k: int, exclude_ids: Optional[Tensor] = None,
                exact: bool = False) -> tuple[Tensor, Tensor]:
@@ -174,6 +245,9 @@ class ShardedIndex:
                              f"got {tuple(exclude_ids.shape)} {exclude_ids.dtype}")
         if self.local.approximate and not exact and not self.local.is_trained:
             self.train()
+        if (self.local.approximate and not exact and self.local.target_recall is not None
+                and self.local.calibrated is None and not self.local._calibrating):
+            self.calibrate()  # every rank takes this branch together: their calibration state is the same
         largest = self.metric != "l2"
         sizes = _all_sizes(q.shape[0])
         queries = _all_gather_ragged(q.detach().to(torch.float32), sizes)
@@ -194,6 +268,12 @@ class ShardedIndex:
         mine = _offset(sizes)
         out_s, out_i = merge_topk(list(all_scores[:, mine]), list(all_ids[:, mine]), k, largest)
         return out_s.to(q.device), out_i.to(q.device)
+
+
+def _calibration_share(idx: Index, sizes: Sequence[int], rank: int) -> int:
+    """This rank's share of ``idx.calibration_queries`` (proportional to its size, rounded up, at most its size)."""
+    n = sum(sizes)
+    return min(sizes[rank], -(-min(idx.calibration_queries, n) * sizes[rank] // max(n, 1)))
 
 
 def _default_nlist_for(n: int) -> int:
