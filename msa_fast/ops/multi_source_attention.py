@@ -15,10 +15,13 @@ from ._core import SegmentedAttentionFn, check_float, check_mask, check_same, ch
 
 Source = tuple[Tensor, Tensor, Optional[Tensor]]
 
-#: "auto" on CPU routes inference calls (no gradient needed) with head dim <= SDPA_MAX_HEAD_DIM to torch SDPA (one
-#: call per source) instead of the C++ kernel: measured at MOSI shapes (fp32, 2 threads, 3 runs; msa-fast bench ops
-#: --full) SDPA's forward is ~10-35 % faster there, while the C++ kernel is faster for forward+backward and for D = 32.
-SDPA_MAX_HEAD_DIM = 16
+#: "auto" on CPU routes inference calls (no gradient needed) with a head dim below SDPA_SMALL_HEAD_DIM_BELOW to torch
+#: SDPA (one call per source) instead of the C++ kernel. Those head dims (HME's 12) run the C++ kernel's generic
+#: P·V / dK·dV loops; from D = 16 on (multiples of the vector width) its register-blocked loops run, and with them the
+#: C++ kernel measured equal or faster than SDPA at D = 16 (MOSI shapes, text over 501 vision / 376 + 501 keys,
+#: 2 threads, interleaved, paired: single source 1.10 fwd / 1.21 fwd+bwd unmasked, 1.39 / 1.57 masked; two sources
+#: 0.95 / 1.09 unmasked, 1.09 / 1.36 masked). Before those loops D = 16 went to SDPA too (SDPA 10-40 % faster then).
+SDPA_SMALL_HEAD_DIM_BELOW = 16
 
 #: ... and every call (training too, any head dim, masked or not) with at least this many query rows and keys: on long
 #: self-attention torch's CPU flash kernel measured faster fwd+bwd than the C++ kernel (2 threads, quiet machine:
@@ -34,7 +37,7 @@ SDPA_MIN_QUERY_ROWS = 256
 #: at D 64, masked or not, forward and forward+backward, where single-source D 64 calls are even (0.85-1.03).
 SDPA_MULTI_SOURCE_MIN_HEAD_DIM = 64
 
-#: ... and the small-head-dim rule (inference, or training without masks, at D <= SDPA_MAX_HEAD_DIM) only when a
+#: ... and the small-head-dim rule (inference, or training without masks, at D < SDPA_SMALL_HEAD_DIM_BELOW) only when a
 #: source has at least this many keys: measured (quiet machine, 2 threads, B 16, H 8, 50 query rows, unmasked,
 #: paired) SDPA / C++ = 1.3-1.9 with 50-128 keys (D 12 / 16, fwd and fwd+bwd: C++ faster, e.g. HME's 50-token MulT
 #: self-attention at D 12: 1.16 vs 2.2 ms fwd+bwd), 0.81-1.0 from 256 keys on (SDPA equal or faster).
@@ -46,9 +49,8 @@ def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Ten
     """True when a plain backend="auto" (no use_backend / env override) picked the C++ backend for an fp32/fp64
     call where SDPA measured faster: long query and key sets (``SDPA_MIN_QUERY_ROWS``); several sources at a large
     head dim (``SDPA_MULTI_SOURCE_MIN_HEAD_DIM``); with a small head dim and a long key set
-    (``SDPA_SMALL_HEAD_DIM_MIN_KEYS``), inference calls and training calls without any mask (SDPA's unmasked fused
-    backward beat the C++ kernel there: 17.7 vs 23.8 ms fwd+bwd at D = 16 for one source over 501 keys, 28.9 vs
-    39.8 ms for two). ``tensors`` = [q, k_1, v_1, ...]. Callers never route dropout here."""
+    (``SDPA_SMALL_HEAD_DIM_MIN_KEYS``) and a head dim below ``SDPA_SMALL_HEAD_DIM_BELOW``, inference calls and
+    training calls without any mask. ``tensors`` = [q, k_1, v_1, ...]. Callers never route dropout here."""
     if backend != "auto" or name != "cpp" or _dispatch._override() is not None:
         return False
     if q.dtype not in (torch.float32, torch.float64):
@@ -57,7 +59,7 @@ def sdpa_route_applies(backend: str, name: str, q: Tensor, tensors: Sequence[Ten
         return True
     if n_sources > 1 and q.shape[-1] >= SDPA_MULTI_SOURCE_MIN_HEAD_DIM:
         return True
-    if not 0 < q.shape[-1] <= SDPA_MAX_HEAD_DIM or max(t.shape[2] for t in tensors[1:]) < SDPA_SMALL_HEAD_DIM_MIN_KEYS:
+    if not 0 < q.shape[-1] < SDPA_SMALL_HEAD_DIM_BELOW or max(t.shape[2] for t in tensors[1:]) < SDPA_SMALL_HEAD_DIM_MIN_KEYS:
         return False
     return unmasked or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
