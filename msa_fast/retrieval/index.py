@@ -456,20 +456,27 @@ class Index:
         ``UserWarning`` says so. Deterministic for a given ``seed``. Called by ``train()`` (and lazily by the first
         approximate search) when ``target_recall`` is set; call it again after a large change of the data.
         """
-        if self.target_recall is None:
-            raise ValueError("calibrate() needs a target: Index(..., target_recall=0.95)")
-        if not self.approximate:
-            self.calibrated = self._exact_calibration()
-            return self.calibrated
-        if not self.is_trained:
-            self.train()
-            if self.calibrated is not None:
-                return self.calibrated
+        settled = self._settled_calibration(self.train, "Index")
+        if settled is not None:
+            return settled
         self._calibrating = True
         try:
             return self._calibrate(queries)
         finally:
             self._calibrating = False
+
+    def _settled_calibration(self, train: Callable[[], None], owner: str) -> Optional[dict]:
+        """What ``calibrate`` returns without a sweep — the exact kinds' fixed report, or the calibration that
+        ``train`` (run here when the IVF is untrained) performed — else None. Raises without a target."""
+        if self.target_recall is None:
+            raise ValueError(f"calibrate() needs a target: {owner}(..., target_recall=0.95)")
+        if not self.approximate:
+            self.calibrated = self._exact_calibration()
+            return self.calibrated
+        if not self.is_trained:
+            train()  # calibrates when it can (at least 2 vectors)
+            return self.calibrated
+        return None
 
     def _calibrate(self, queries: Optional[Tensor]) -> dict:
         n = self.ntotal

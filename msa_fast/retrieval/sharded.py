@@ -182,14 +182,9 @@ class ShardedIndex:
         rank, world = _group()
         if world == 1:
             return idx.calibrate()
-        if idx.target_recall is None:
-            raise ValueError("calibrate() needs a target: ShardedIndex(..., target_recall=0.95)")
-        if not idx.approximate:
-            idx.calibrated = idx._exact_calibration()
-            return idx.calibrated
-        if not idx.is_trained:
-            self.train()  # calibrates
-            return idx.calibrated
+        settled = idx._settled_calibration(self.train, "ShardedIndex")
+        if settled is not None:
+            return settled
         t0 = time.perf_counter()
         sizes = _all_sizes(idx.ntotal)
         n = sum(sizes)
