@@ -359,11 +359,57 @@ inline void mm_rows_f32(const float* __restrict A, int lda, int n, const float* 
   }
 }
 
-// C += A Bm (see mm_rows): the vector version where it applies.
+// mm_rows_f32 for head dims 8·a + 4 (HME's 12): per row a 8-lane vectors and one 4-lane vector, R rows in lockstep
+// (R · (a + 1) = 8 accumulators).
+template <int DC>
+inline void mm_rows_f32_tail4(const float* __restrict A, int lda, int n, const float* __restrict Bm,
+                              float* __restrict C, int rows) {
+  typedef float v8 __attribute__((vector_size(32), aligned(4)));
+  typedef float v4 __attribute__((vector_size(16), aligned(4)));
+  static_assert(DC % 8 == 4 && DC < 64, "mm_rows_f32_tail4 is for head dims 8·a + 4");
+  constexpr int NV = DC / 8, R = 8 / (NV + 1);
+  const auto body = [&](auto rows_c, int r0) {
+    constexpr int RR = decltype(rows_c)::value;
+    v8 acc[RR][NV > 0 ? NV : 1];
+    v4 tail[RR];
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      const float* c = C + size_t(r0 + r) * DC;
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) acc[r][q] = reinterpret_cast<const v8*>(c)[q];
+      tail[r] = *reinterpret_cast<const v4*>(c + 8 * NV);
+    }
+    for (int j = 0; j < n; ++j) {
+      const float* b = Bm + size_t(j) * DC;
+      const v4 bt = *reinterpret_cast<const v4*>(b + 8 * NV);
+#pragma GCC unroll 8
+      for (int r = 0; r < RR; ++r) {
+        const float a = A[size_t(r0 + r) * lda + j];
+#pragma GCC unroll 8
+        for (int q = 0; q < NV; ++q) acc[r][q] += a * reinterpret_cast<const v8*>(b)[q];
+        tail[r] += a * bt;
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      float* c = C + size_t(r0 + r) * DC;
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) reinterpret_cast<v8*>(c)[q] = acc[r][q];
+      *reinterpret_cast<v4*>(c + 8 * NV) = tail[r];
+    }
+  };
+  int r0 = 0;
+  for (; r0 + R <= rows; r0 += R) body(std::integral_constant<int, R>{}, r0);
+  for (; r0 < rows; ++r0) body(std::integral_constant<int, 1>{}, r0);
+}
+
+// C += A Bm (see mm_rows): the vector versions where they apply.
 template <typename T, int DC>
 inline void mm_acc(const T* A, int lda, int n, const T* Bm, int Drt, T* C, int rows) {
   if constexpr (std::is_same_v<T, float> && DC > 0 && DC % kVecLanes == 0)
     mm_rows_f32<DC>(A, lda, n, Bm, C, rows);
+  else if constexpr (std::is_same_v<T, float> && DC > 0 && DC % 8 == 4 && DC < 64)
+    mm_rows_f32_tail4<DC>(A, lda, n, Bm, C, rows);
   else
     mm_rows<T, DC>(A, lda, n, Bm, Drt, C, rows);
 }

@@ -249,7 +249,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_rejected(monkeypatch):
 
 @pytest.mark.parametrize("D", [12, 16, 32])
 def test_auto_inference_route_matches_reference(D):
-    """Under no_grad "auto" may use torch SDPA (D < 16, see msa_fast.ops.attention): same results, no NaN for fully
+    """Under no_grad "auto" may use torch SDPA (D < 12, see msa_fast.ops.attention): same results, no NaN for fully
     masked rows, zero rows for padded queries."""
     q, k, v, kpm, qpm = (t.float() if t.is_floating_point() else t for t in _case(3, 2, 7, 70, D, "cpu"))
     with torch.no_grad():

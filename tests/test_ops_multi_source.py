@@ -101,8 +101,8 @@ def test_auto_inference_route_matches_reference():
 
 def test_auto_routes_to_sdpa_where_it_measured_faster():
     """The measured routing table of ``auto`` on CPU (msa_fast.ops.multi_source_attention): several sources at
-    D >= 64 in every mode, unmasked or inference calls at D < 16 over >= 256 keys; D 16 (the C++ kernel's vector
-    loops), masked D 32 / single-source D 64 training and short key sets at D < 16 stay on the C++ kernel."""
+    D >= 64 in every mode, unmasked or inference calls at D < 12 over >= 256 keys; D 12 / 16 (the C++ kernel's vector
+    loops), masked D 32 / single-source D 64 training and short key sets at D < 12 stay on the C++ kernel."""
     from msa_fast.ops.multi_source_attention import SDPA_SMALL_HEAD_DIM_MIN_KEYS, sdpa_route_applies
 
     def tensors(d, grad, keys=SDPA_SMALL_HEAD_DIM_MIN_KEYS):
@@ -114,16 +114,17 @@ def test_auto_routes_to_sdpa_where_it_measured_faster():
     assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
     assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=1)
     assert not sdpa_route_applies("cpp", "cpp", q, ts, n_sources=2)  # a forced backend is never rerouted
-    q, ts = tensors(12, True)
+    q, ts = tensors(8, True)
     assert sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
     assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=False, n_sources=2)
     with torch.no_grad():
         assert sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)
-    q, ts = tensors(16, True)  # D 16 runs the C++ kernel's vector loops: measured equal or faster than SDPA
-    assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
-    with torch.no_grad():
-        assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=1)
-    q, ts = tensors(12, True, keys=SDPA_SMALL_HEAD_DIM_MIN_KEYS - 1)  # short key sets: the C++ kernel measured faster
+    for d in (12, 16):  # the C++ kernel's vector loops: measured equal or faster than SDPA
+        q, ts = tensors(d, True)
+        assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
+        with torch.no_grad():
+            assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=1)
+    q, ts = tensors(8, True, keys=SDPA_SMALL_HEAD_DIM_MIN_KEYS - 1)  # short key sets: the C++ kernel measured faster
     assert not sdpa_route_applies("auto", "cpp", q, ts, unmasked=True, n_sources=2)
     with torch.no_grad():
         assert not sdpa_route_applies("auto", "cpp", q, ts, n_sources=2)

@@ -3,10 +3,10 @@
 One source of the segmented-attention core (``multi_source_attention`` with S = 1) on the chosen backend.
 
 CPU routing under ``backend="auto"`` (no ``use_backend`` / ``MSA_FAST_BACKEND`` override): inference calls (no
-gradient needed) on fp32/fp64 CPU tensors with a head dim below 16 (HME's 12) go to
+gradient needed) on fp32/fp64 CPU tensors with a head dim below 12 go to
 ``torch.nn.functional.scaled_dot_product_attention`` (boolean key mask, query padding applied afterwards) instead of
 the C++ kernel, because ``msa-fast bench ops --full`` measured SDPA's forward faster there, and so do unmasked
-training calls with D < 16 — both only over at least ``SDPA_SMALL_HEAD_DIM_MIN_KEYS`` (256) keys: over short key sets
+training calls with D < 12 — both only over at least ``SDPA_SMALL_HEAD_DIM_MIN_KEYS`` (256) keys: over short key sets
 (50-128) the C++ kernel measured 1.3-1.9x faster; masked training calls and D >= 16 use the C++ kernel, which
 measured equal or faster (rules and numbers: ``msa_fast.ops.multi_source_attention``). torch >= 2.5 returns
 zeros and finite gradients for fully masked rows in SDPA (tested). ``backend="cpp"`` always uses the C++ kernel.

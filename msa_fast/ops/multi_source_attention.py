@@ -16,12 +16,13 @@ from ._core import SegmentedAttentionFn, check_float, check_mask, check_same, ch
 Source = tuple[Tensor, Tensor, Optional[Tensor]]
 
 #: "auto" on CPU routes inference calls (no gradient needed) with a head dim below SDPA_SMALL_HEAD_DIM_BELOW to torch
-#: SDPA (one call per source) instead of the C++ kernel. Those head dims (HME's 12) run the C++ kernel's generic
-#: P·V / dK·dV loops; from D = 16 on (multiples of the vector width) its register-blocked loops run, and with them the
-#: C++ kernel measured equal or faster than SDPA at D = 16 (MOSI shapes, text over 501 vision / 376 + 501 keys,
-#: 2 threads, interleaved, paired: single source 1.10 fwd / 1.21 fwd+bwd unmasked, 1.39 / 1.57 masked; two sources
-#: 0.95 / 1.09 unmasked, 1.09 / 1.36 masked). Before those loops D = 16 went to SDPA too (SDPA 10-40 % faster then).
-SDPA_SMALL_HEAD_DIM_BELOW = 16
+#: SDPA (one call per source) instead of the C++ kernel. Those head dims run the C++ kernel's generic P·V / dK·dV
+#: loops; D = 12 (HME), 16, 32 and 64 have register-blocked vector loops, and with them the C++ kernel measured equal
+#: or faster than SDPA (MOSI shapes, text over 501 vision / 376 + 501 keys, 2 threads, interleaved, paired, SDPA/C++:
+#: D 16 single source 1.10 fwd / 1.21 fwd+bwd unmasked, 1.39 / 1.57 masked; two sources 0.95 / 1.09 unmasked,
+#: 1.09 / 1.36 masked; D 12 single source unmasked over 501 keys 1.04 / 1.39, over 256 keys 1.46 / 1.72). Before those
+#: loops D 12 and 16 went to SDPA too (SDPA was 10-40 % faster then).
+SDPA_SMALL_HEAD_DIM_BELOW = 12
 
 #: ... and every call (training too, any head dim, masked or not) with at least this many query rows and keys: on long
 #: self-attention torch's CPU flash kernel measured faster fwd+bwd than the C++ kernel (2 threads, quiet machine:
