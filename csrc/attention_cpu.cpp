@@ -323,40 +323,30 @@ inline void mm_rows_f32(const float* __restrict A, int lda, int n, const float* 
   typedef float vf __attribute__((vector_size(4 * kVecLanes), aligned(4)));
   static_assert(DC % kVecLanes == 0, "mm_rows_f32 needs a head dim that is a multiple of the vector width");
   constexpr int NV = DC / kVecLanes, R = NV >= 8 ? 1 : 8 / NV;
-  int r0 = 0;
-  for (; r0 + R <= rows; r0 += R) {
-    vf acc[R][NV];
+  const auto body = [&](auto rows_c, int r0) {  // RR rows in lockstep (R, then single rows for the tail)
+    constexpr int RR = decltype(rows_c)::value;
+    vf acc[RR][NV];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) acc[r][c] = reinterpret_cast<const vf*>(C + size_t(r0 + r) * DC)[c];
     for (int j = 0; j < n; ++j) {
       const vf* b = reinterpret_cast<const vf*>(Bm + size_t(j) * DC);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < RR; ++r) {
         const float a = A[size_t(r0 + r) * lda + j];
 #pragma GCC unroll 8
         for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) reinterpret_cast<vf*>(C + size_t(r0 + r) * DC)[c] = acc[r][c];
-  }
-  for (; r0 < rows; ++r0) {
-    vf acc[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) acc[c] = reinterpret_cast<const vf*>(C + size_t(r0) * DC)[c];
-    for (int j = 0; j < n; ++j) {
-      const vf* b = reinterpret_cast<const vf*>(Bm + size_t(j) * DC);
-      const float a = A[size_t(r0) * lda + j];
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[c] += a * b[c];
-    }
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) reinterpret_cast<vf*>(C + size_t(r0) * DC)[c] = acc[c];
-  }
+  };
+  int r0 = 0;
+  for (; r0 + R <= rows; r0 += R) body(std::integral_constant<int, R>{}, r0);
+  for (; r0 < rows; ++r0) body(std::integral_constant<int, 1>{}, r0);
 }
 
 // mm_rows_f32 for head dims 8·a + 4 (HME's 12): per row a 8-lane vectors and one 4-lane vector, R rows in lockstep
